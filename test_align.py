@@ -1,0 +1,360 @@
+"""Tests: properties of the towers, and parity with HF's PyTorch models given the same weights.
+
+Run with `python -m pytest -q`. conftest.py gives JAX 8 simulated CPU devices for the sharding tests.
+The parity tests need torch and transformers (test-only references) and skip cleanly without them.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bert
+import efficientnet as en
+
+P = jax.sharding.PartitionSpec
+# Configs are frozen dataclasses, so jit can treat them as static; eager dispatch of every op is slow.
+en_apply = jax.jit(en.apply, static_argnames=("cfg", "train", "bn_axis_name"))
+bert_apply = jax.jit(bert.apply, static_argnames=("cfg",))
+
+
+def _images(key, B, size):
+    return jax.random.uniform(jax.random.key(key), (B, size, size, 3), minval=-1.0, maxval=1.0)
+
+
+def _relative_error(tree_a, tree_b):
+    """|a - b| / |b| over all leaves as one vector. Entry-wise tolerances do not suit gradients: some
+    entries are mathematically zero (a training-mode BatchNorm cancels them) and hold only rounding."""
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree_a)]).astype(np.float64)
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree_b)]).astype(np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _randomise_bn(params, state, seed=0):
+    """Non-trivial BatchNorm affine parameters and running statistics (fresh ones hide layout bugs)."""
+    rng = np.random.default_rng(seed)
+
+    def bn(tree_p, tree_s):
+        if isinstance(tree_s, dict) and "mean" in tree_s:
+            shape = tree_s["mean"].shape
+            return ({"scale": rng.uniform(0.5, 1.5, shape).astype(np.float32),
+                     "bias": rng.normal(0, 0.1, shape).astype(np.float32)},
+                    {"mean": rng.normal(0, 0.1, shape).astype(np.float32),
+                     "var": rng.uniform(0.5, 2.0, shape).astype(np.float32)})
+        if isinstance(tree_s, dict):
+            out = {k: bn(tree_p[k], tree_s[k]) for k in tree_s}
+            return ({**tree_p, **{k: v[0] for k, v in out.items()}}, {k: v[1] for k, v in out.items()})
+        pairs = [bn(a, b) for a, b in zip(tree_p, tree_s)]
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
+    return bn(params, state)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EfficientNet
+
+
+@pytest.mark.parametrize("name,published_total", [("B0", 5_288_548), ("B7", 66_347_960), ("L2", 480_309_308)])
+def test_efficientnet_param_counts_equal_published_trunks(name, published_total):
+    """Published totals (Tan & Le 2019; Xie et al. 2020) minus the head conv, its BatchNorm and the classifier."""
+    cfg = en.CONFIGS[name]
+    head = cfg.features * cfg.channels(1280) + 2 * cfg.channels(1280) + cfg.channels(1280) * 1000 + 1000
+    assert en.count_params(cfg) == published_total - head
+
+
+def test_efficientnet_feature_widths_and_depths():
+    widths = {n: en.CONFIGS[n].features for n in ["B0", "B1", "B2", "B3", "B4", "B5", "B6", "B7", "L2"]}
+    assert widths == {"B0": 320, "B1": 320, "B2": 352, "B3": 384, "B4": 448, "B5": 512, "B6": 576,
+                      "B7": 640, "L2": 1376}
+    blocks = lambda n: sum(len(s) for s in en.CONFIGS[n].blocks())
+    assert (blocks("B0"), blocks("B7"), blocks("L2")) == (16, 55, 88)
+    # The output shape of L2 at ALIGN's 289x289, traced without allocating 467M parameters.
+    cfg = en.CONFIGS["L2"]
+    params, state = jax.eval_shape(lambda: en.init(jax.random.key(0), cfg))
+    out, _ = jax.eval_shape(lambda p, s, x: en.apply(p, s, x, cfg), params, state,
+                            jax.ShapeDtypeStruct((2, 289, 289, 3), jnp.float32))
+    assert out.shape == (2, 1376) and out.dtype == jnp.float32
+
+
+def test_batchnorm_train_uses_batch_statistics_and_updates_running_averages():
+    cfg = dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0)
+    params, state = en.init(jax.random.key(0), cfg)
+    params, state = _randomise_bn(params, state)
+    x = _images(1, 4, 32)
+    f_train, new_state = en_apply(params, state, x, cfg, train=True)
+    # Training normalises with the batch's statistics: the running averages cannot change the output.
+    other = jax.tree.map(lambda a: a * 3.0 + 1.0, state)
+    f_train2, _ = en_apply(params, other, x, cfg, train=True)
+    np.testing.assert_allclose(f_train, f_train2, rtol=1e-5, atol=1e-6)
+    # Evaluation uses the running averages, so it does depend on them, and returns them unchanged.
+    f_eval, same = en_apply(params, state, x, cfg)
+    f_eval2, _ = en_apply(params, other, x, cfg)
+    assert not np.allclose(f_eval, f_eval2, atol=1e-3)
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), same, state)))
+    # The stem's running mean moves by (1 - momentum) toward the batch mean of the stem conv output.
+    stem = en._conv(x, params["stem"]["conv"], 2, "SAME")
+    batch_mean, batch_var = stem.mean((0, 1, 2)), stem.var((0, 1, 2))
+    m = cfg.bn_momentum
+    np.testing.assert_allclose(new_state["stem"]["bn"]["mean"],
+                               m * state["stem"]["bn"]["mean"] + (1 - m) * batch_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new_state["stem"]["bn"]["var"],
+                               m * state["stem"]["bn"]["var"] + (1 - m) * batch_var, rtol=1e-4, atol=1e-6)
+    # Stacked (scanned) blocks update their own statistics too.
+    rest_old, rest_new = state["stages"][3]["rest"], new_state["stages"][3]["rest"]
+    assert not np.allclose(rest_old["project_bn"]["mean"], rest_new["project_bn"]["mean"])
+
+
+def _sharded_tiny_apply(bn_axis_name, n_dev=8, per_dev=4):
+    # 4 images of 48 px per device: the last stages are 2x2, so each BatchNorm channel averages at
+    # least 16 values (at 1x1 and 2 images, a near-zero variance amplifies float32 rounding ~100x).
+    cfg = dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0)
+    params, state = en.init(jax.random.key(0), cfg)
+    params, state = _randomise_bn(params, state)
+    x = _images(2, n_dev * per_dev, 48)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("data",))
+
+    def step(p, s, x_local):
+        f, s_new = en.apply(p, s, x_local, cfg, train=True, bn_axis_name=bn_axis_name)
+        return f, jax.tree.map(lambda a: a[None], s_new)  # one copy of the statistics per device
+
+    f, s_dev = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data")),
+                                     out_specs=(P("data"), P("data"))))(params, state, x)
+    return cfg, params, state, x, f, s_dev
+
+
+def test_batchnorm_cross_device_mean_equals_single_device_global_batch():
+    assert len(jax.devices()) >= 8, "conftest.py should give 8 simulated CPU devices"
+    cfg, params, state, x, f, s_dev = _sharded_tiny_apply("data")
+    f_ref, s_ref = en_apply(params, state, x, cfg, train=True)
+    np.testing.assert_allclose(f, f_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_dev), jax.tree.leaves(s_ref)):
+        np.testing.assert_allclose(a, np.broadcast_to(b, a.shape), rtol=1e-4, atol=1e-6)
+
+
+def test_batchnorm_per_device_statistics_equal_each_shard_alone():
+    cfg, params, state, x, f, s_dev = _sharded_tiny_apply(None)
+    for d in [0, 5]:
+        f_ref, s_ref = en_apply(params, state, x[4 * d:4 * d + 4], cfg, train=True)
+        np.testing.assert_allclose(f[4 * d:4 * d + 4], f_ref, rtol=1e-4, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(s_dev), jax.tree.leaves(s_ref)):
+            np.testing.assert_allclose(a[d], b, rtol=1e-4, atol=1e-6)
+    # and the devices really disagree: these are not the global statistics
+    stem_means = s_dev["stem"]["bn"]["mean"]
+    assert not np.allclose(stem_means[0], stem_means[1])
+
+
+def test_stochastic_depth_only_in_training_and_per_sample():
+    cfg = en.CONFIGS["tiny"]
+    assert cfg.drop_connect == 0.2
+    params, state = en.init(jax.random.key(0), cfg)
+    x = _images(3, 4, 32)
+    f1, _ = en_apply(params, state, x, cfg, train=False, rng=jax.random.key(1))
+    f2, _ = en_apply(params, state, x, cfg, train=False, rng=jax.random.key(2))
+    np.testing.assert_array_equal(f1, f2)
+    t1, _ = en_apply(params, state, x, cfg, train=True, rng=jax.random.key(1))
+    t2, _ = en_apply(params, state, x, cfg, train=True, rng=jax.random.key(2))
+    assert not np.allclose(t1, t2)
+    with pytest.raises(ValueError, match="rng"):
+        en.apply(params, state, x, cfg, train=True)
+    # A whole sample's branch is kept (scaled by 1/keep) or dropped, never single activations.
+    h = jnp.ones((64, 3, 3, 5))
+    out = np.asarray(en._drop_path(h, 0.25, jax.random.key(0)))
+    per_sample = out.reshape(64, -1)
+    assert np.all(np.isclose(per_sample, 0.0) | np.isclose(per_sample, 1 / 0.75))
+    assert (per_sample.min(1) == per_sample.max(1)).all() and 0 < (per_sample[:, 0] == 0).sum() < 64
+
+
+def test_efficientnet_remat_and_bfloat16_agree_with_float32():
+    cfg = dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0)
+    params, state = en.init(jax.random.key(0), cfg)
+    params, state = _randomise_bn(params, state)
+    x = _images(4, 4, 48)
+
+    def loss(p, cfg):
+        f, _ = en.apply(p, state, x, cfg, train=True)
+        return jnp.sum(jnp.sin(f))
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l32, g32 = grad(params, cfg)
+    l_r, g_r = grad(params, dataclasses.replace(cfg, remat=True))
+    np.testing.assert_allclose(l_r, l32, rtol=1e-6)
+    # Remat changes no maths, but XLA fuses the recomputed forward differently; compare whole gradients.
+    assert _relative_error(g_r, g32) < 1e-5
+    # bfloat16 keeps 8 bits of mantissa: features within a few percent of their spread.
+    cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
+    f32, _ = en_apply(params, state, x, cfg)
+    f16, _ = en_apply(params, state, x, cfg16)
+    assert f16.dtype == jnp.float32
+    err = np.abs(np.asarray(f16) - np.asarray(f32)).max() / np.asarray(f32).std()
+    assert err < 0.1, err
+    assert jax.tree.leaves(jax.tree.map(lambda a: a.dtype, params)) == [jnp.float32] * len(jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------------------------------
+# BERT
+
+
+@pytest.mark.parametrize("name,hf_total", [("Base", 109_482_240), ("Large", 335_141_888)])
+def test_bert_param_counts_equal_published(name, hf_total):
+    """HF BertModel totals (30522 vocab, 512 positions) minus the pooler, which ALIGN does not use."""
+    cfg = dataclasses.replace(bert.CONFIGS[name], vocab_size=30522, max_len=512)
+    assert bert.count_params(cfg) == hf_total - (cfg.width * cfg.width + cfg.width)
+    assert bert.CONFIGS["Large"].heads == 16 and bert.CONFIGS["Tiny"].heads == 2
+
+
+def _tiny_bert():
+    cfg = dataclasses.replace(bert.CONFIGS["Tiny"], vocab_size=50, max_len=16)
+    params = bert.init(jax.random.key(0), cfg)
+    ids = jax.random.randint(jax.random.key(1), (3, 12), 5, 50)
+    mask = (jnp.arange(12)[None] < jnp.array([[12], [7], [3]])).astype(jnp.int32)
+    return cfg, params, jnp.where(mask == 1, ids, 0), mask
+
+
+def test_padding_cannot_change_cls():
+    cfg, params, ids, mask = _tiny_bert()
+    cls = bert_apply(params, ids, mask, cfg)[:, 0]
+    perturbed = jnp.where(mask == 1, ids, (ids * 7 + 3) % 50)
+    cls2 = bert_apply(params, perturbed, mask, cfg)[:, 0]
+    np.testing.assert_array_equal(cls, cls2)
+    # and through gradients: padded positions hold token ids used nowhere else (45..49), and the [CLS]
+    # output has zero derivative w.r.t. their embedding rows, while real tokens' rows do get gradient
+    padded = jnp.where(mask == 1, ids % 40 + 5, 45 + jnp.arange(ids.shape[1]) % 5)
+    # (a random projection: the plain sum of a LayerNorm output is constant, its gradient zero everywhere)
+    w_D = jax.random.normal(jax.random.key(9), (cfg.width,))
+    g = jax.grad(lambda p: (bert.apply(p, padded, mask, cfg)[:, 0] @ w_D).sum())(params)["embeddings"]["word"]
+    assert np.abs(np.asarray(g[45:])).max() == 0.0
+    assert np.abs(np.asarray(g[5:45])).max() > 0.0
+
+
+def test_bert_remat_and_bfloat16_agree_with_float32():
+    cfg, params, ids, mask = _tiny_bert()
+    loss = lambda p, c: jnp.sum(jnp.sin(bert.apply(p, ids, mask, c)[:, 0].astype(jnp.float32)))
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l32, g32 = grad(params, cfg)
+    l_r, g_r = grad(params, dataclasses.replace(cfg, remat=True))
+    np.testing.assert_allclose(l_r, l32, rtol=1e-6)
+    assert _relative_error(g_r, g32) < 1e-5
+    h32 = bert_apply(params, ids, mask, cfg)
+    h16 = bert_apply(params, ids, mask, dataclasses.replace(cfg, dtype="bfloat16"))
+    assert h16.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(h16, np.float32) - np.asarray(h32)).max()
+    assert err < 0.1, err  # LayerNorm outputs are O(1); bfloat16 has ~3 significant digits
+
+
+def test_bert_rejects_too_long_sequences():
+    cfg, params, ids, mask = _tiny_bert()
+    long_ids = jnp.zeros((1, cfg.max_len + 1), jnp.int32)
+    with pytest.raises(ValueError, match="max_len"):
+        bert.apply(params, long_ids, jnp.ones_like(long_ids), cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parity with HF transformers (PyTorch), same random weights
+
+
+def _torch():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return torch, transformers
+
+
+def _perturb_torch_norms(torch, model, calibrate=None, seed=0):
+    """Non-trivial LayerNorm/BatchNorm parameters and BatchNorm running statistics, and conv weights
+    at a 1/sqrt(fan_in) scale (HF initialises everything at std 0.02, which makes signals vanish).
+
+    Running statistics unrelated to the activations shrink the input's signal ~8x per block, leaving
+    features that are BatchNorm biases and a parity test that proves little. So with `calibrate`
+    (an input batch, NCHW), the statistics are first set to that batch's by one training-mode pass,
+    then perturbed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            if isinstance(m, torch.nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / math.sqrt(fan_in))
+        if calibrate is not None:
+            for m in bns:
+                m.momentum = 1.0  # running statistics := this batch's
+            model.train()(calibrate)
+        for m in bns:
+            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) * 0.5 + 0.75)
+    return model.eval()
+
+
+def test_bert_matches_hf_with_padded_batch(tmp_path):
+    torch, transformers = _torch()
+    hf_cfg = transformers.BertConfig(vocab_size=120, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=512, max_position_embeddings=24, type_vocab_size=2)
+    model = _perturb_torch_norms(torch, transformers.BertModel(hf_cfg))
+    ids = np.random.default_rng(0).integers(5, 120, (4, 20))
+    mask = (np.arange(20)[None] < np.array([[20], [11], [5], [1]])).astype(np.int64)
+    ids = np.where(mask == 1, ids, 0)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    model.save_pretrained(tmp_path)  # safetensors, read back with numpy
+    params, cfg = bert.from_hf(str(tmp_path))
+    assert (cfg.layers, cfg.width, cfg.heads, cfg.max_len) == (3, 128, 2, 24)
+    ours = np.asarray(bert_apply(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), cfg))
+    valid = mask == 1  # padded positions are not outputs anyone reads; HF and we agree on them anyway
+    np.testing.assert_allclose(ours[valid], ref[valid], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    # The reverse mapping gives back HF's tensors, so an HF model can load what we write.
+    sd = bert.to_hf_state_dict(params, cfg)
+    for k, v in model.state_dict().items():
+        if k in sd:
+            np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
+    assert set(sd) == {k for k in model.state_dict() if not k.startswith("pooler") and "position_ids" not in k
+                       and "token_type_ids" not in k}
+
+
+def _hf_efficientnet(torch, transformers, align, depthwise_padding=(), size=64):
+    kw = dict(width_coefficient=0.25, depth_coefficient=0.5, depthwise_padding=list(depthwise_padding),
+              hidden_dim=320, image_size=size)
+    if align:
+        model = transformers.AlignVisionModel(transformers.AlignVisionConfig(**kw))
+    else:
+        model = transformers.EfficientNetModel(transformers.EfficientNetConfig(**kw))
+    calibrate = torch.rand((16, 3, size, size), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return _perturb_torch_norms(torch, model, calibrate)
+
+
+@pytest.mark.parametrize("size", [64, 65])
+@pytest.mark.parametrize("align", [False, True], ids=["EfficientNetModel", "AlignVisionModel"])
+def test_efficientnet_matches_hf_at_even_and_odd_sizes(size, align, tmp_path):
+    torch, transformers = _torch()
+    model = _hf_efficientnet(torch, transformers, align, (3,) if align else (), size)
+    x = np.random.default_rng(size).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+    with torch.no_grad():
+        out = model(torch.tensor(x.transpose(0, 3, 1, 2)), output_hidden_states=True)
+        last_block = out.hidden_states[-1] if not align else out.last_hidden_state
+        ref = last_block.mean((2, 3)).numpy()
+        if align:  # AlignVisionModel's pooler is this same global average
+            np.testing.assert_allclose(out.pooler_output.reshape(2, -1).numpy(), ref, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    params, state, cfg = en.from_hf(str(tmp_path))
+    assert cfg.padding == "hf" and cfg.features == 80
+    ours, _ = en_apply(params, state, jnp.asarray(x), cfg)
+    # 1e-4 of the features' scale: they reach ~50 after 10 blocks, and an entry-wise rtol would hold
+    # small entries of the same vector to a tighter absolute bound than the large ones.
+    assert np.abs(ours - ref).max() < 1e-4 * np.abs(ref).max(), np.abs(ours - ref).max() / np.abs(ref).max()
+    # The features depend on the image, not just on BatchNorm biases: a comparison with meaning.
+    assert np.abs(ref[0] - ref[1]).max() > 0.05 * np.abs(ref).max()
+    # Our own "SAME" padding equals HF's at even sizes and differs at odd ones (that is why it is recorded).
+    same, _ = en_apply(params, state, jnp.asarray(x), dataclasses.replace(cfg, padding="same"))
+    same_err = np.abs(same - ref).max() / np.abs(ref).max()
+    assert (same_err < 1e-4) == (size % 2 == 0 and not align), same_err
+    # Round trip through HF names.
+    sd = en.to_hf_state_dict(params, state, cfg)
+    for k, v in model.state_dict().items():
+        if k in sd and "num_batches_tracked" not in k:
+            np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)

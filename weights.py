@@ -1,0 +1,114 @@
+"""Weight files with numpy only: safetensors, and HuggingFace `save_pretrained` directories.
+
+A downloaded checkpoint is data, not code: safetensors is a JSON header plus raw little-endian
+buffers, so it is read here with `np.frombuffer` and nothing is ever unpickled. A directory holding only
+`pytorch_model.bin` (a pickle) is refused with a hint to convert it.
+
+Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes of
+JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data.
+"""
+
+import json
+import os
+import struct
+
+import numpy as np
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def read_safetensors(path):
+    """{name: numpy array} from a .safetensors file. bfloat16 tensors are widened to float32."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    out = {}
+    for name, t in header.items():
+        begin, end = t["data_offsets"]
+        buf = data[begin:end]
+        if t["dtype"] == "BF16":  # numpy has no bfloat16: it is the top half of a float32
+            a = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        elif t["dtype"] in _DTYPES:
+            a = np.frombuffer(buf, np.dtype(_DTYPES[t["dtype"]]).newbyteorder("<"))
+        else:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, which this reader does not know")
+        out[name] = a.reshape(t["shape"])
+    return out
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: array} as safetensors, atomically (a temporary file renamed into place)."""
+    header, offset, arrays = {}, 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = a.astype(a.dtype.newbyteorder("<"))
+        header[name] = {"dtype": _NAMES[np.dtype(a.dtype.type)], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_hf(path_or_state_dict, config=None):
+    """(state dict of numpy arrays, config dict) from a `save_pretrained` directory or a state dict.
+
+    A state dict may hold numpy arrays or torch tensors; `config` is then the HF config, as a dict or
+    an object with `to_dict()`.
+    """
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = os.fspath(path_or_state_dict)
+        st = os.path.join(path, "model.safetensors")
+        if not os.path.exists(st):
+            if os.path.exists(os.path.join(path, "pytorch_model.bin")):
+                raise ValueError(f"{path} holds pytorch_model.bin (a pickle, which we never load); convert it "
+                                 "once with transformers: AutoModel.from_pretrained(path).save_pretrained(out, "
+                                 "safe_serialization=True)")
+            if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+                with open(os.path.join(path, "model.safetensors.index.json")) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+                sd = {}
+                for name in files:
+                    sd.update(read_safetensors(os.path.join(path, name)))
+            else:
+                raise FileNotFoundError(f"{path}: no model.safetensors; expected a directory written by "
+                                        "HF save_pretrained")
+        else:
+            sd = read_safetensors(st)
+        with open(os.path.join(path, "config.json")) as f:
+            return sd, json.load(f)
+    if config is None:
+        raise ValueError("a state dict needs its HF config: pass config= (a dict or a transformers config)")
+    config = config if isinstance(config, dict) else config.to_dict()
+    sd = {k: (v.detach().cpu().float().numpy() if hasattr(v, "detach") and v.is_floating_point()
+              else np.asarray(v)) for k, v in path_or_state_dict.items()}
+    return sd, config
+
+
+def take(sd, name):
+    """sd[name], with an error that names the missing tensor."""
+    if name not in sd:
+        raise KeyError(f"checkpoint has no tensor {name!r}: is it the right model and config?")
+    return sd[name]
+
+
+def find_prefix(sd, suffix):
+    """The prefix in front of `suffix` in sd's names ('' or e.g. 'vision_model.')."""
+    for name in sorted(sd, key=len):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    raise KeyError(f"checkpoint has no tensor ending in {suffix!r}: is it the right model?")
