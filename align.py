@@ -1,11 +1,18 @@
-"""ALIGN (Jia et al., ICML 2021): the contrastive loss of Sec. 4.1, Eq. 1-2, on one device or sharded.
+"""ALIGN (Jia et al., ICML 2021): the dual encoder of Sec. 4.1 and its contrastive loss, Eq. 1-2.
 
-Image and text embeddings, already L2-normalised, are scored against each other with a shared learned
-temperature; each image must pick out its own caption among all the texts of the batch (Eq. 1) and each
-text its own image (Eq. 2). The paper gathers the embeddings of all cores (Sec. 4.1: "we concatenate
-embeddings from all computing cores"; Sec. 5: 16 pairs per core x 1024 cores = 16384 pairs), so with
-`axis_name` the loss runs inside `jax.shard_map` over a `data` mesh axis: each device all-gathers both
-embeddings and scores its own B rows against all N columns, in both directions.
+Two towers map into one embedding space: EfficientNet's globally pooled features (efficientnet.py) and
+BERT's [CLS] state (bert.py), each through a linear layer to the embedding width (the image one only
+when the widths differ, Sec. 6.1), then L2-normalised. Image and text embeddings are scored against
+each other with a shared learned temperature; each image must pick out its own caption among all the
+texts of the batch (Eq. 1) and each text its own image (Eq. 2). The paper gathers the embeddings of
+all cores (Sec. 4.1: "we concatenate embeddings from all computing cores"; Sec. 5: 16 pairs per core
+x 1024 cores = 16384 pairs), so with `axis_name` the loss runs inside `jax.shard_map` over a `data`
+mesh axis: each device all-gathers both embeddings and scores its own B rows against all N columns.
+
+    params, state = init(jax.random.key(0), SIZES['B7'])
+    img_BE = embed_images(params, state, pixels_BHWC, SIZES['B7'])
+    txt_BE = embed_texts(params, ids_BL, mask_BL, SIZES['B7'])
+    loss = contrastive_loss(img_BE, txt_BE, temperature(params, SIZES['B7']))
 
 Dimension key:
   B  pairs on this device (the local batch; the whole batch when unsharded)
@@ -21,11 +28,24 @@ Deviations from the paper and from HF's `AlignModel`:
     device-major), which is "gather from only a group of devices" when G is a multiple of B.
   - The learned temperature is exp(raw) + 1/1024 (`learned_temperature`), positive by construction;
     the paper and HF learn the temperature itself, unconstrained.
+  - HF's AlignModel is only representable when embed_dim equals the image features (it has no image
+    projection); `to_hf` writes our "SAME"-padded models for an even image size (see `to_hf`).
   - The logits matmul runs at float32 HIGHEST precision (no bfloat16 passes on TPU, no TF32 on GPU),
     because dividing by a temperature near 1/64 amplifies the rounding of the cosines 64 times.
 """
+import argparse
+import dataclasses
+import json
+import math
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+import bert
+import efficientnet as en
+import weights
 
 # The smallest temperature `learned_temperature` can produce. It never binds in the paper's runs (the
 # learned value converges near 1/64, Sec. 6.1; the smallest fixed one in Table 8 is 1/128), but it stops
@@ -190,6 +210,231 @@ def loss_and_metrics(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name
 
 
 # ---------------------------------------------------------------------------------------------------
-# Dual encoder (Sec. 4): SIZES, init, embed_images / embed_texts, from_hf. Added separately; the
-# learned temperature parameter lives there and goes through `learned_temperature`.
+# The dual encoder (Sec. 4.1): EfficientNet and BERT into one embedding space
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    image: en.Config
+    text: bert.Config
+    embed_dim: int
+    temperature_init: float = 1.0   # Sec. 5: "The softmax temperature variable is initialized as 1.0"
+    learn_temperature: bool = True  # False: Table 8 rows 7-9, a fixed temperature_init
+
+    @property
+    def image_projection(self):
+        """Sec. 6.1: a linear layer on the pooled image features only when they are not embed_dim wide."""
+        return self.image.features != self.embed_dim
+
+
+SIZES = {
+    # Sec. 5, 6.1: the main model, EfficientNet-L2 + BERT-Large; "L2 uses 1376", L2's own feature width.
+    "L2": Config("L2", en.CONFIGS["L2"], bert.CONFIGS["Large"], 1376),
+    # Sec. 6.1 / Figure 3: B7 + BERT-Base at B7's 640 (also the public kakaobrain/align-base).
+    "B7": Config("B7", en.CONFIGS["B7"], bert.CONFIGS["Base"], 640),
+    # Table 8's baseline: B5 + BERT-Base, 640-d, all in-batch negatives, learned temperature.
+    "B5": Config("B5", en.CONFIGS["B5"], bert.CONFIGS["Base"], 640),
+    # Table 9 (data-scale study): B3 + BERT-Mini, projected to 640 (Sec. 6.1).
+    "B3": Config("B3", en.CONFIGS["B3"], bert.CONFIGS["Mini"], 640),
+    # Figure 3's smallest pair: B1 + BERT-Mini, projected to 640.
+    "B1": Config("B1", en.CONFIGS["B1"], bert.CONFIGS["Mini"], 640),
+    # Made up for CPUs and tests; the text vocabulary is set from the tokenizer by train.py.
+    "tiny": Config("tiny", en.CONFIGS["tiny"], bert.CONFIGS["Tiny"], 64),
+}
+
+
+def _dense_init(key, d_in, d_out):
+    limit = math.sqrt(6.0 / (d_in + d_out))  # Glorot uniform, the Keras Dense default
+    return {"kernel": jax.random.uniform(key, (d_in, d_out), jnp.float32, -limit, limit),
+            "bias": jnp.zeros((d_out,), jnp.float32)}
+
+
+def init(key, cfg: Config):
+    """(params, state): both towers, the projections, the raw temperature; state is BatchNorm's."""
+    k_img, k_txt, k_iproj, k_tproj = jax.random.split(key, 4)
+    img_params, state = en.init(k_img, cfg.image)
+    params = {"image": img_params, "text": bert.init(k_txt, cfg.text),
+              "text_projection": _dense_init(k_tproj, cfg.text.width, cfg.embed_dim)}
+    if cfg.image_projection:
+        params["image_projection"] = _dense_init(k_iproj, cfg.image.features, cfg.embed_dim)
+    if cfg.learn_temperature:
+        params["temperature"] = learned_temperature_raw(cfg.temperature_init)
+    return params, state
+
+
+def temperature(params, cfg: Config):
+    """The softmax temperature: learned (through `learned_temperature`), or Table 8's fixed value."""
+    return learned_temperature(params["temperature"]) if cfg.learn_temperature else cfg.temperature_init
+
+
+def _l2_normalise(x_BE):
+    """Unit rows, in float32: a bfloat16 norm has 3 significant digits and cosines need more."""
+    x_BE = x_BE.astype(jnp.float32)
+    return x_BE * jax.lax.rsqrt(jnp.maximum(jnp.sum(x_BE * x_BE, axis=-1, keepdims=True), 1e-24))
+
+
+def image_features(params, state, pixels_BHWC, cfg: Config, train=False, rng=None, bn_axis_name=None):
+    """Unnormalised image embeddings [B, E] float32 and the BatchNorm state (updated when training)."""
+    f_BD, state = en.apply(params["image"], state, pixels_BHWC, cfg.image, train, rng=rng,
+                           bn_axis_name=bn_axis_name)
+    if cfg.image_projection:  # the projections are tiny: float32, whatever the towers' compute dtype
+        f_BD = f_BD @ params["image_projection"]["kernel"] + params["image_projection"]["bias"]
+    return f_BD, state
+
+
+def text_features(params, ids_BL, mask_BL, cfg: Config):
+    """Unnormalised text embeddings [B, E] float32: a linear layer on the [CLS] state (Sec. 4.1)."""
+    cls_BD = bert.apply(params["text"], ids_BL, mask_BL, cfg.text)[:, 0].astype(jnp.float32)
+    return cls_BD @ params["text_projection"]["kernel"] + params["text_projection"]["bias"]
+
+
+def embed_images(params, state, pixels_BHWC, cfg: Config):
+    """L2-normalised float32 image embeddings [B, E] (evaluation mode: BatchNorm running averages)."""
+    return _l2_normalise(image_features(params, state, pixels_BHWC, cfg)[0])
+
+
+def embed_texts(params, ids_BL, mask_BL, cfg: Config):
+    """L2-normalised float32 text embeddings [B, E]."""
+    return _l2_normalise(text_features(params, ids_BL, mask_BL, cfg))
+
+
+def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *, axis_name=None,
+               bn_axis_name=None, label_smoothing=0.1, negatives_fraction=1.0):
+    """The training objective on a batch: (loss, (metrics, new BatchNorm state)), for jax.value_and_grad.
+
+    Inside shard_map, pass axis_name='data' for the global-batch loss (and bn_axis_name to average
+    BatchNorm statistics over devices); the gradient contract of `contrastive_loss` applies.
+    """
+    img_BE, state = image_features(params, state, pixels_BHWC, cfg, train=True, rng=rng,
+                                   bn_axis_name=bn_axis_name)
+    txt_BE = text_features(params, ids_BL, mask_BL, cfg)
+    loss, metrics = loss_and_metrics(
+        _l2_normalise(img_BE), _l2_normalise(txt_BE), temperature(params, cfg), label_smoothing,
+        axis_name, negatives_fraction, img_norm_B=jnp.linalg.norm(img_BE, axis=-1),
+        txt_norm_B=jnp.linalg.norm(txt_BE, axis=-1))
+    return loss, (metrics, state)
+
+
 # ---------------------------------------------------------------------------------------------------
+# HuggingFace AlignModel checkpoints (e.g. kakaobrain/align-base)
+
+
+def from_hf(path):
+    """(params, state, cfg) from an HF `AlignModel` directory (config.json + model.safetensors).
+
+    The weights are read with numpy, never unpickled; a directory with only pytorch_model.bin is
+    refused with the command to convert it. The image tower keeps HF's padding (see efficientnet.py).
+    """
+    sd, hf = weights.read_hf(path)
+    if "vision_config" not in hf or "text_config" not in hf:
+        raise ValueError(f"{path}: config.json is not an AlignModel config (no vision_config/text_config)")
+    img_params, state, img_cfg = en.from_hf(sd, hf["vision_config"], prefix="vision_model.")
+    txt_params, txt_cfg = bert.from_hf(sd, hf["text_config"], prefix="text_model.")
+    embed_dim = hf.get("projection_dim", 640)
+    if embed_dim != img_cfg.features:
+        raise ValueError(f"{path}: projection_dim {embed_dim} differs from the image features "
+                         f"({img_cfg.features}); HF's AlignModel has no image projection to reconcile them")
+    t = float(np.asarray(weights.take(sd, "temperature")).reshape(()))
+    if not t > MIN_TEMPERATURE:
+        raise ValueError(f"{path}: temperature {t} is below MIN_TEMPERATURE={MIN_TEMPERATURE}")
+    cfg = Config(hf.get("_name_or_path") or "hf", img_cfg, txt_cfg, embed_dim,
+                 temperature_init=hf.get("temperature_init_value", 1.0))
+    params = {"image": img_params, "text": txt_params,
+              "text_projection": {"kernel": np.asarray(weights.take(sd, "text_projection.weight")).T,
+                                  "bias": np.asarray(weights.take(sd, "text_projection.bias"))},
+              "temperature": np.asarray(learned_temperature_raw(t))}
+    return params, state, cfg
+
+
+def _hf_square_pad_blocks(cfg: en.Config, image_size):
+    """HF `depthwise_padding` for which HF's fixed padding equals "SAME" at this (even) image size.
+
+    "SAME" pads a stride-2 conv (k//2 - 1, k//2) on even inputs and (k//2, k//2) on odd ones; HF pads
+    the former unless the block is listed.
+    """
+    size, square = -(-image_size // 2), []  # after the stem
+    for b in (b for stage in cfg.blocks() for b in stage):
+        if b.stride == 2:
+            if size % 2:
+                square.append(b.index)
+            size = -(-size // 2)
+    return square
+
+
+def to_hf(params, state, cfg: Config, path, image_size=None):
+    """Write an HF `AlignModel` directory (config.json + model.safetensors) that transformers loads.
+
+    HF's stem always pads (0, 1), which equals "SAME" only at even sizes. So a model of ours (padding
+    "same") is written for an even `image_size` (default: the largest even size <= 289), at which HF
+    reproduces our embeddings exactly; a model loaded from HF round-trips unchanged at every size.
+    """
+    if cfg.image_projection:
+        raise ValueError(f"HF's AlignModel has no image projection: embed_dim {cfg.embed_dim} must equal the "
+                         f"image features ({cfg.image.features})")
+    image_size = image_size or 288
+    if cfg.image.padding == "hf":
+        square = list(cfg.image.hf_square_pad_blocks)
+    elif image_size % 2:
+        raise ValueError(f"image_size={image_size} is odd: HF's padding cannot equal ours there; pick an even size")
+    else:
+        square = _hf_square_pad_blocks(cfg.image, image_size)
+    i, t = cfg.image, cfg.text
+    vision = {"width_coefficient": i.width, "depth_coefficient": i.depth, "depth_divisor": i.divisor,
+              "kernel_sizes": [s.kernel for s in i.stages], "strides": [s.stride for s in i.stages],
+              "expand_ratios": [s.expand for s in i.stages], "in_channels": [s.in_channels for s in i.stages],
+              "out_channels": [s.out_channels for s in i.stages],
+              "num_block_repeats": [s.repeats for s in i.stages], "squeeze_expansion_ratio": i.se_ratio,
+              "depthwise_padding": square, "hidden_dim": max(2560, i.channels(1280)), "image_size": image_size,
+              "batch_norm_eps": i.bn_eps, "batch_norm_momentum": i.bn_momentum, "drop_connect_rate": i.drop_connect,
+              "hidden_act": "swish", "pooling_type": "mean", "num_channels": 3}
+    text = {"vocab_size": t.vocab_size, "hidden_size": t.width, "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "intermediate_size": t.ff_width, "hidden_act": "gelu",
+            "max_position_embeddings": t.max_len, "type_vocab_size": t.type_vocab_size,
+            "layer_norm_eps": t.ln_eps, "pad_token_id": t.pad_id}
+    hf = {"architectures": ["AlignModel"], "model_type": "align", "projection_dim": cfg.embed_dim,
+          "temperature_init_value": cfg.temperature_init, "text_config": text, "vision_config": vision}
+    sd = {**en.to_hf_state_dict(params["image"], state, cfg.image, prefix="vision_model."),
+          **bert.to_hf_state_dict(params["text"], cfg.text, prefix="text_model.")}
+    # AlignTextModel carries BERT's pooler, which AlignModel never uses; zeros keep the load warning-free.
+    sd["text_model.pooler.dense.weight"] = np.zeros((t.width, t.width), np.float32)
+    sd["text_model.pooler.dense.bias"] = np.zeros((t.width,), np.float32)
+    sd["text_projection.weight"] = np.asarray(params["text_projection"]["kernel"], np.float32).T
+    sd["text_projection.bias"] = np.asarray(params["text_projection"]["bias"], np.float32)
+    sd["temperature"] = np.asarray(temperature(params, cfg), np.float32).reshape(())
+    os.makedirs(path, exist_ok=True)
+    weights.write_safetensors(os.path.join(path, "model.safetensors"), sd)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def count_params(cfg: Config):
+    """Parameters per part, with no memory allocated: {'image', 'text', 'projections', 'total'}."""
+    params, _ = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    out = {"image": size(params["image"]), "text": size(params["text"]),
+           "projections": size(params["text_projection"]) + size(params.get("image_projection", {}))}
+    out["total"] = size(params)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description="ALIGN model sizes (paper Sec. 5, 6.1, Table 8-9).")
+    ap.add_argument("--vocab-size", type=int, default=bert.Config.vocab_size)
+    args = ap.parse_args()
+    print(f"| size | image tower | text tower | embedding | image params | text params ({args.vocab_size} vocab) "
+          "| projections | total |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, cfg in SIZES.items():
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=args.vocab_size))
+        n = count_params(cfg)
+        print(f"| {name} | EfficientNet-{cfg.image.name} | BERT-{cfg.text.name} | {cfg.embed_dim} "
+              f"| {n['image'] / 1e6:.1f}M | {n['text'] / 1e6:.1f}M | {n['projections'] / 1e6:.2f}M "
+              f"| {n['total'] / 1e6:.1f}M |")
+
+
+if __name__ == "__main__":
+    main()

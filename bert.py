@@ -237,7 +237,7 @@ def to_hf_state_dict(params, cfg: Config, prefix=""):
             for i in range(cfg.layers):
                 a = np.asarray(params["layers"][ours][leaf][i])
                 sd[f"encoder.layer.{i}.{theirs}.{suffix}"] = a.T if transpose else a
-    return {prefix + k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in sd.items()}
+    return {prefix + k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
 def from_hf(path_or_state_dict, config=None, prefix=None):

@@ -398,7 +398,7 @@ def to_hf_state_dict(params, state, cfg: Config, prefix=""):
             sd[name + ".weight"], sd[name + ".bias"] = np.asarray(bn_p["scale"]), np.asarray(bn_p["bias"])
             sd[name + ".running_mean"], sd[name + ".running_var"] = np.asarray(bn_s["mean"]), np.asarray(bn_s["var"])
             sd[name + ".num_batches_tracked"] = np.zeros((), np.int64)
-    return {prefix + k: np.ascontiguousarray(v) for k, v in sd.items()}
+    return {prefix + k: v for k, v in sd.items()}
 
 
 def _lookup(tree, path):

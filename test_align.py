@@ -358,3 +358,149 @@ def test_efficientnet_matches_hf_at_even_and_odd_sizes(size, align, tmp_path):
     for k, v in model.state_dict().items():
         if k in sd and "num_batches_tracked" not in k:
             np.testing.assert_array_equal(sd[k], v.numpy(), err_msg=k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ALIGN dual encoder (align.py); the loss itself is tested in test_loss.py
+
+import align  # noqa: E402
+
+
+def test_align_sizes_and_embeddings():
+    assert {n: c.embed_dim for n, c in align.SIZES.items() if n != "tiny"} == {
+        "L2": 1376, "B7": 640, "B5": 640, "B3": 640, "B1": 640}
+    assert not align.SIZES["L2"].image_projection and not align.SIZES["B7"].image_projection
+    assert align.SIZES["B5"].image_projection and align.SIZES["B1"].image_projection
+    cfg = dataclasses.replace(align.SIZES["tiny"], text=dataclasses.replace(align.SIZES["tiny"].text, vocab_size=50))
+    params, state = align.init(jax.random.key(0), cfg)
+    assert float(align.temperature(params, cfg)) == pytest.approx(1.0, rel=1e-6)  # Sec. 5
+    img = align.embed_images(params, state, _images(0, 3, 32), cfg)
+    txt = align.embed_texts(params, jnp.ones((3, 8), jnp.int32), jnp.ones((3, 8), jnp.int32), cfg)
+    for e in (img, txt):
+        assert e.shape == (3, 64) and e.dtype == jnp.float32
+        np.testing.assert_allclose(jnp.linalg.norm(e, axis=-1), 1.0, rtol=1e-5)
+    fixed = dataclasses.replace(cfg, learn_temperature=False, temperature_init=1 / 64)  # Table 8 rows 7-9
+    p_fixed, _ = align.init(jax.random.key(0), fixed)
+    assert "temperature" not in p_fixed and align.temperature(p_fixed, fixed) == 1 / 64
+    # The main model's embedding shape, traced without allocating its 873M parameters.
+    l2 = align.SIZES["L2"]
+    p, s = jax.eval_shape(lambda: align.init(jax.random.key(0), l2))
+    out = jax.eval_shape(lambda p, s, x: align.embed_images(p, s, x, l2), p, s,
+                         jax.ShapeDtypeStruct((1, 289, 289, 3), jnp.float32))
+    assert out.shape == (1, 1376)
+
+
+def test_sharded_train_loss_and_gradients_equal_single_device():
+    """The data-parallel step train.py runs: the global-batch loss over 8 devices, BatchNorm statistics
+    averaged over them, parameter gradients pmean'd (contract in align.contrastive_loss)."""
+    cfg = dataclasses.replace(align.SIZES["tiny"], image=dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0),
+                              text=dataclasses.replace(bert.CONFIGS["Tiny"], vocab_size=50, max_len=8))
+    params, state = align.init(jax.random.key(0), cfg)
+    n_dev, B = 8, 16
+    pixels = _images(5, B, 32)
+    ids = jax.random.randint(jax.random.key(6), (B, 8), 1, 50)
+    mask = jnp.ones((B, 8), jnp.int32)
+    grad_fn = jax.value_and_grad(align.train_loss, has_aux=True)
+    (loss_ref, (m_ref, s_ref)), g_ref = jax.jit(grad_fn, static_argnums=5)(
+        params, state, pixels, ids, mask, cfg, None)
+
+    def step(p, s, x, i, m):
+        (loss, (metrics, s)), g = grad_fn(p, s, x, i, m, cfg, None, axis_name="data", bn_axis_name="data")
+        return loss, metrics, s, jax.lax.pmean(g, "data")
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("data",))
+    loss, metrics, s_new, g = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data"), P("data")),
+                                                    out_specs=P()))(params, state, pixels, ids, mask)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy_i2t"], m_ref["accuracy_i2t"])
+    assert _relative_error(g, g_ref) < 1e-4
+    assert _relative_error(s_new, s_ref) < 1e-5
+
+
+def _hf_align(torch, transformers, size, depthwise_padding=(3,)):
+    vision = dict(width_coefficient=0.25, depth_coefficient=0.5, depthwise_padding=list(depthwise_padding),
+                  hidden_dim=320, image_size=size)
+    text = dict(vocab_size=90, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512,
+                max_position_embeddings=16)
+    model = transformers.AlignModel(transformers.AlignConfig(text_config=text, vision_config=vision, projection_dim=80))
+    calibrate = torch.rand((16, 3, size, size), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    _perturb_torch_norms(torch, model.vision_model, calibrate)
+    _perturb_torch_norms(torch, model.text_model)
+    with torch.no_grad():
+        model.temperature.fill_(0.07)
+    return model.eval()
+
+
+def _hf_align_outputs(torch, model, x, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                     pixel_values=torch.tensor(x.transpose(0, 3, 1, 2)), return_loss=True)
+
+
+def _align_inputs(size, B=4):
+    rng = np.random.default_rng(size)
+    x = rng.uniform(-1, 1, (B, size, size, 3)).astype(np.float32)
+    mask = (np.arange(12)[None] < rng.integers(2, 13, (B, 1))).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(5, 90, (B, 12)), 0)
+    return x, ids, mask
+
+
+@pytest.mark.parametrize("size", [64, 65])
+def test_align_from_hf_matches_hf_embeddings_and_loss(size, tmp_path):
+    torch, transformers = _torch()
+    model = _hf_align(torch, transformers, size)
+    x, ids, mask = _align_inputs(size)
+    out = _hf_align_outputs(torch, model, x, ids, mask)
+    model.save_pretrained(tmp_path)
+    params, state, cfg = align.from_hf(str(tmp_path))
+    assert cfg.embed_dim == 80 and not cfg.image_projection
+    np.testing.assert_allclose(align.temperature(params, cfg), 0.07, rtol=1e-5)
+    img = align.embed_images(params, state, jnp.asarray(x), cfg)
+    txt = align.embed_texts(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), cfg)
+    np.testing.assert_allclose(img, out.image_embeds.numpy(), atol=1e-4)  # unit vectors: absolute 1e-4
+    np.testing.assert_allclose(txt, out.text_embeds.numpy(), atol=1e-4)
+    assert np.abs(out.image_embeds[0] - out.image_embeds[1]).max() > 0.05  # depends on the image
+    # The paper sums the two directions, HF averages them (both with label smoothing 0.1).
+    loss = align.contrastive_loss(img, txt, align.temperature(params, cfg), label_smoothing=0.1)
+    np.testing.assert_allclose(loss, 2 * out.loss.item(), rtol=1e-4)
+
+
+def test_align_to_hf_round_trips(tmp_path):
+    torch, transformers = _torch()
+    size = 65
+    model = _hf_align(torch, transformers, size)
+    x, ids, mask = _align_inputs(size)
+    out = _hf_align_outputs(torch, model, x, ids, mask)
+    model.save_pretrained(tmp_path / "hf")
+    params, state, cfg = align.from_hf(str(tmp_path / "hf"))
+    align.to_hf(params, state, cfg, str(tmp_path / "ours"))
+    back = transformers.AlignModel.from_pretrained(str(tmp_path / "ours")).eval()
+    out2 = _hf_align_outputs(torch, back, x, ids, mask)
+    for a, b in [(out2.image_embeds, out.image_embeds), (out2.text_embeds, out.text_embeds)]:
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-6)
+    assert back.temperature.item() == pytest.approx(0.07, rel=1e-6)
+
+
+def test_our_model_in_hf_gives_our_embeddings(tmp_path):
+    """Our "SAME"-padded model, written for an even size where some stride-2 inputs are odd (36: 18, 9, 5)."""
+    torch, transformers = _torch()
+    cfg = align.Config("t", en.CONFIGS["tiny"], dataclasses.replace(bert.CONFIGS["Tiny"], vocab_size=90, max_len=16), 80)
+    params, state = align.init(jax.random.key(0), cfg)
+    params["image"], state = _randomise_bn(params["image"], state)
+    assert align._hf_square_pad_blocks(cfg.image, 36)  # the case that needs depthwise_padding
+    align.to_hf(params, state, cfg, str(tmp_path), image_size=36)
+    model = transformers.AlignModel.from_pretrained(str(tmp_path)).eval()
+    x, ids, mask = _align_inputs(36)
+    out = _hf_align_outputs(torch, model, x, ids, mask)
+    np.testing.assert_allclose(align.embed_images(params, state, jnp.asarray(x), cfg), out.image_embeds.numpy(), atol=1e-4)
+    np.testing.assert_allclose(align.embed_texts(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), cfg),
+                               out.text_embeds.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="odd"):
+        align.to_hf(params, state, cfg, str(tmp_path / "odd"), image_size=289)
+
+
+def test_pickled_checkpoints_are_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
+        align.from_hf(str(tmp_path))

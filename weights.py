@@ -44,8 +44,8 @@ def write_safetensors(path, tensors, metadata=None):
     """Write {name: array} as safetensors, atomically (a temporary file renamed into place)."""
     header, offset, arrays = {}, 0, []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
-        a = a.astype(a.dtype.newbyteorder("<"))
+        a = np.asarray(tensors[name])  # (not np.ascontiguousarray: it turns 0-d scalars into shape [1])
+        a = np.array(a, dtype=a.dtype.newbyteorder("<"), order="C")
         header[name] = {"dtype": _NAMES[np.dtype(a.dtype.type)], "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
