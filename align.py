@@ -317,6 +317,56 @@ def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *,
 
 
 # ---------------------------------------------------------------------------------------------------
+# Saved models: a directory with align_config.json, model.safetensors and (usually) vocab.txt
+
+
+def config_to_dict(cfg: Config):
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d) -> Config:
+    img = dict(d["image"], stages=tuple(en.Stage(*s) for s in d["image"]["stages"]),
+               hf_square_pad_blocks=tuple(d["image"]["hf_square_pad_blocks"]))
+    return Config(**{**d, "image": en.Config(**img), "text": bert.Config(**d["text"])})
+
+
+def save(path, params, state, cfg: Config, vocab_path=None):
+    """Write a model directory that `load` reads: the weights first, the config last, each atomically."""
+    os.makedirs(path, exist_ok=True)
+    flat = {f"params/{k}": v for k, v in weights.tree_to_flat(params).items()}
+    flat.update({f"state/{k}": v for k, v in weights.tree_to_flat(state).items()})
+    weights.write_safetensors(os.path.join(path, "model.safetensors"), flat)
+    if vocab_path and os.path.abspath(vocab_path) != os.path.abspath(os.path.join(path, "vocab.txt")):
+        with open(vocab_path, "rb") as f:
+            _atomic_write(os.path.join(path, "vocab.txt"), f.read())
+    _atomic_write(os.path.join(path, "align_config.json"), json.dumps(config_to_dict(cfg), indent=1).encode())
+
+
+def _atomic_write(path, data: bytes):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path):
+    """(params, state, cfg) from a directory written by `save`, or from an HF AlignModel directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such model directory")
+    if not os.path.exists(os.path.join(path, "align_config.json")):
+        return from_hf(path)
+    with open(os.path.join(path, "align_config.json")) as f:
+        cfg = config_from_dict(json.load(f))
+    flat = weights.read_safetensors(os.path.join(path, "model.safetensors"))
+    params_t, state_t = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+    params = weights.flat_to_tree({k[7:]: v for k, v in flat.items() if k.startswith("params/")}, params_t)
+    state = weights.flat_to_tree({k[6:]: v for k, v in flat.items() if k.startswith("state/")}, state_t)
+    return params, state, cfg
+
+
+# ---------------------------------------------------------------------------------------------------
 # HuggingFace AlignModel checkpoints (e.g. kakaobrain/align-base)
 
 

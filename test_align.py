@@ -504,3 +504,17 @@ def test_pickled_checkpoints_are_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="pytorch_model.bin"):
         align.from_hf(str(tmp_path))
+
+
+def test_align_save_load_round_trip(tmp_path):
+    cfg = dataclasses.replace(align.SIZES["tiny"], text=dataclasses.replace(bert.CONFIGS["Tiny"], vocab_size=30))
+    params, state = align.init(jax.random.key(3), cfg)
+    (tmp_path / "v.txt").write_text("[PAD]\n[UNK]\n")
+    align.save(str(tmp_path / "m"), params, state, cfg, vocab_path=str(tmp_path / "v.txt"))
+    p2, s2, cfg2 = align.load(str(tmp_path / "m"))
+    assert cfg2 == cfg and (tmp_path / "m" / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+    assert _relative_error(p2, params) == 0 and _relative_error(s2, state) == 0
+    other = dataclasses.replace(cfg, embed_dim=32)
+    (tmp_path / "m" / "align_config.json").write_text(__import__("json").dumps(align.config_to_dict(other)))
+    with pytest.raises(ValueError, match="another size"):
+        align.load(str(tmp_path / "m"))

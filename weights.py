@@ -12,6 +12,7 @@ import json
 import os
 import struct
 
+import jax
 import numpy as np
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -112,3 +113,26 @@ def find_prefix(sd, suffix):
         if name.endswith(suffix):
             return name[: -len(suffix)]
     raise KeyError(f"checkpoint has no tensor ending in {suffix!r}: is it the right model?")
+
+
+def tree_to_flat(tree):
+    """{'a/b/0/c': array} for a nested dict/list tree, the names safetensors files use."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        flat[name] = np.asarray(leaf)
+    return flat
+
+
+def flat_to_tree(flat, template):
+    """Inverse of `tree_to_flat`, shaped like `template` (e.g. from jax.eval_shape of an init)."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, like in paths:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        a = take(flat, name)
+        if tuple(a.shape) != tuple(like.shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(a.shape)}, the model expects {tuple(like.shape)}: "
+                             "was it saved from another size?")
+        leaves.append(a)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
