@@ -351,10 +351,28 @@ def _atomic_write(path, data: bytes):
     os.replace(tmp, path)
 
 
-def load(path):
-    """(params, state, cfg) from a directory written by `save`, or from an HF AlignModel directory."""
+def model_dir(path):
+    """The model directory `path` names: itself (ours or HF's), or a training run's newest checkpoint.
+
+    train.py writes checkpoints as `OUT/ckpt_<step>/`, each a model directory of `save` plus the
+    optimizer state; `vocab.txt` sits beside the weights in each.
+    """
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such model directory")
+        raise FileNotFoundError(f"{path}: no such model or run directory")
+    if any(os.path.exists(os.path.join(path, f)) for f in ("align_config.json", "config.json")):
+        return path
+    ckpts = sorted(d for d in os.listdir(path) if d.startswith("ckpt_")
+                   and os.path.exists(os.path.join(path, d, "align_config.json")))
+    if not ckpts:
+        raise FileNotFoundError(f"{path}: neither a model directory (align_config.json or HF config.json) nor a "
+                                "training run with ckpt_* checkpoints")
+    return os.path.join(path, ckpts[-1])
+
+
+def load(path):
+    """(params, state, cfg) from a directory written by `save`, a training run's --out (its newest
+    checkpoint), or an HF AlignModel directory."""
+    path = model_dir(path)
     if not os.path.exists(os.path.join(path, "align_config.json")):
         return from_hf(path)
     with open(os.path.join(path, "align_config.json")) as f:
