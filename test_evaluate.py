@@ -1,0 +1,442 @@
+"""Tests for evaluate.py: metric maths on hand-built embeddings with known answers, then every subcommand
+end to end through `evaluate.main` on a tiny saved checkpoint and small files written here."""
+import csv
+import dataclasses
+import doctest
+import itertools
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import align
+import data
+import evaluate
+
+# ---------------------------------------------------------------- metric maths
+
+
+def sims_as_embeddings(sim_NM):
+    """Image and text embeddings whose dot products are exactly sim_NM: images one-hot, texts sim^T."""
+    sim_NM = np.asarray(sim_NM, np.float32)
+    return np.eye(len(sim_NM), dtype=np.float32), sim_NM.T.copy()
+
+
+# big_vision's image_text_retrieval_test: distance matrices (4 images x 8 texts, texts 2k and 2k+1 of
+# image k) and their recalls. Similarity = -distance.
+BV_CAPTION_TO_IMAGE = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+BV_CASES = [
+    ("i2t", [[0.0, 0.0, 0.1, 0.5, 0.1, 0.2, 0.5, 0.1], [0.5, 0.4, 0.0, 0.0, 0.4, 0.2, 0.6, 0.4],
+             [0.5, 0.4, 0.1, 0.5, 0.0, 0.0, 0.8, 0.3], [0.5, 0.4, 0.1, 0.5, 0.3, 0.2, 0.0, 0.0]], (100, 100, 100)),
+    ("i2t", [[0.8, 0.8, 0.1, 0.5, 0.1, 0.2, 0.5, 0.1], [0.5, 0.4, 0.0, 0.0, 0.4, 0.2, 0.6, 0.4],
+             [0.5, 0.4, 0.1, 0.5, 0.0, 0.8, 0.8, 0.3], [0.5, 0.4, 0.1, 0.5, 0.4, 0.2, 0.3, 0.3]], (50, 75, 100)),
+    ("t2i", [[0.8, 0.8, 0.1, 0.5, 0.1, 0.2, 0.1, 0.1], [0.5, 0.4, 0.0, 0.0, 0.4, 0.2, 0.6, 0.4],
+             [0.5, 0.4, 0.1, 0.5, 0.0, 0.8, 0.8, 0.3], [0.5, 0.4, 0.1, 0.5, 0.4, 0.2, 0.3, 0.3]], (37.5, 100, 100)),
+]
+
+
+@pytest.mark.parametrize("direction, dist, expected", BV_CASES)
+def test_multi_caption_retrieval_matches_big_vision_cases(direction, dist, expected):
+    img, txt = sims_as_embeddings(-np.array(dist))
+    r = evaluate.retrieval_recalls(img, txt, BV_CAPTION_TO_IMAGE, ks=(1, 5, 10))[direction]
+    assert [r["R@1"], r["R@5"], r["R@10"]] == pytest.approx(expected)
+
+
+def test_an_image_hits_when_any_of_its_captions_does():
+    # Image 0's best caption ranks first; image 1's best two rank 2nd and 3rd, behind a caption of image 0.
+    sim = np.array([[0.9, 0.1, 0.2, 0.3, 0.4], [0.3, 0.8, 0.7, 0.1, 0.9]])
+    img, txt = sims_as_embeddings(sim)
+    r = evaluate.retrieval_recalls(img, txt, np.array([0, 1, 1, 0, 0]), ks=(1, 2))
+    assert r["i2t"] == {"R@1": 50.0, "R@2": 100.0}
+    # captions: 0 -> image 0 (0.9 > 0.3) hit; 1, 2 -> image 1 hit; 3 -> image 0 (0.3 > 0.1) hit; 4 -> image 1 miss
+    assert r["t2i"]["R@1"] == pytest.approx(80.0)
+
+
+@pytest.mark.parametrize("n, per_image", [(20, 5), (7, 1)])
+def test_constant_embeddings_score_chance_never_100(n, per_image):
+    m = n * per_image
+    img, txt = np.ones((n, 4), np.float32), np.ones((m, 4), np.float32)
+    caption_image = np.repeat(np.arange(n), per_image)
+    r = evaluate.retrieval_recalls(img, txt, caption_image, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        # A random order of the m captions: P(one of the image's captions is in the top k).
+        chance_i2t = 1 - math.comb(m - per_image, min(k, m)) / math.comb(m, min(k, m))
+        assert r["i2t"][f"R@{k}"] == pytest.approx(100 * chance_i2t)
+        assert r["t2i"][f"R@{k}"] == pytest.approx(100 * min(k, n) / n)
+    pessimistic = evaluate.retrieval_recalls(img, txt, caption_image, ks=(1,), ties="pessimistic")
+    assert pessimistic == {"i2t": {"R@1": 0.0}, "t2i": {"R@1": 0.0}}
+
+
+def test_expected_ties_equal_the_average_over_every_tie_order():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 3, 6).astype(np.float32)  # many ties
+        positive = rng.random(6) < 0.4
+        positive[rng.integers(6)] = True
+        query, cands = np.ones((1, 1), np.float32), scores[:, None]
+        stats = evaluate.positive_rank_stats(query, cands, positive_pairs=np.c_[np.zeros(positive.sum()),
+                                                                              np.flatnonzero(positive)])
+        for k in (1, 2, 4):
+            hits = []
+            for order in itertools.permutations(range(6)):  # every way of breaking the ties
+                ranked = sorted(range(6), key=lambda i: (-scores[i], order[i]))
+                hits.append(positive[ranked[:k]].any())
+            assert evaluate.hit_probability(*stats, k)[0] == pytest.approx(np.mean(hits))
+
+
+def test_classification_top1_top5_and_ties():
+    # 3 images, 6 classes; image 2 ties its class with one other class at the top.
+    scores = np.array([[9, 8, 7, 6, 5, 4], [1, 2, 3, 4, 5, 6], [5, 5, 0, 0, 0, 0]], np.float32)
+    x, classes = sims_as_embeddings(scores)
+    acc = evaluate.classification_accuracy(x, classes, np.array([0, 0, 1]), ks=(1, 5))
+    # image 0: class 0 first; image 1: class 0 last (6th); image 2: class 1 tied first -> 0.5 at top-1
+    assert acc == {"top1": pytest.approx(100 * 1.5 / 3), "top5": pytest.approx(100 * 2 / 3)}
+
+
+def test_zero_shot_prompt_ensemble_is_the_renormalised_mean():
+    prompts = np.random.default_rng(0).normal(size=(5, 3, 8))
+    prompts /= np.linalg.norm(prompts, axis=-1, keepdims=True)
+    classes = evaluate.class_embeddings(prompts)
+    np.testing.assert_allclose(np.linalg.norm(classes, axis=-1), 1, rtol=1e-6)
+    np.testing.assert_allclose(classes * np.linalg.norm(prompts.mean(1), axis=-1, keepdims=True), prompts.mean(1),
+                               rtol=1e-6)
+
+
+def test_knn_recall_hand_built():
+    # index: two cats, two dogs, one bird on a line; queries: near a cat, near the bird, near a dog.
+    index = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.7, 0.7]], np.float32)
+    index_label = np.array([0, 0, 1, 1, 2])
+    queries = np.array([[1, 0.05], [0.72, 0.69], [0.05, 1]], np.float32)
+    r = evaluate.knn_recall(queries, index, np.array([0, 2, 0]), index_label, ks=(1, 3, 5))
+    # query 0 (cat): nearest is a cat; query 1 (bird): nearest the bird; query 2 (cat near the dogs): cats are
+    # ranked 4th and 5th (behind two dogs and the bird)
+    assert r == {"R@1": pytest.approx(200 / 3), "R@3": pytest.approx(200 / 3), "R@5": 100.0}
+
+
+def test_spearman_with_tied_ranks():
+    np.testing.assert_array_equal(evaluate.rank_average([3, 1, 3, 3, 0]), [4, 2, 4, 4, 1])
+    x, y = np.array([1, 2, 2, 3, 5.]), np.array([2, 1, 4, 4, 9.])
+    rx, ry = np.array([1, 2.5, 2.5, 4, 5]), np.array([2, 1, 3.5, 3.5, 5])  # by hand
+    expected = np.corrcoef(rx, ry)[0, 1]
+    assert evaluate.spearman(x, y) == pytest.approx(expected)
+    assert evaluate.spearman(x, -y) == pytest.approx(-expected)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    big = np.random.default_rng(0).integers(0, 6, (2, 300)).astype(float)  # heavy ties, like agg_score
+    assert evaluate.spearman(*big) == pytest.approx(scipy_stats.spearmanr(*big)[0], abs=1e-12)
+
+
+def test_spearman_bootstrap_mean_and_spread():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=2000)
+    y = x + rng.normal(size=2000)
+    full = evaluate.spearman(x, y)
+    mean, std = evaluate.spearman_bootstrap(x, y, n_boot=200, seed=0)
+    assert mean == pytest.approx(full, abs=0.01)
+    # the bootstrap spread of a correlation estimated from n pairs shrinks like 1 / sqrt(n)
+    _, std_small = evaluate.spearman_bootstrap(x[:200], y[:200], n_boot=200, seed=0)
+    assert 0.005 < std < 0.03 and std_small / std == pytest.approx(math.sqrt(10), rel=0.35)
+    assert evaluate.spearman_bootstrap(x, y, n_boot=50, seed=3) == evaluate.spearman_bootstrap(x, y, n_boot=50, seed=3)
+
+
+def test_blocked_equals_unblocked():
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(23, 6)).astype(np.float32)
+    txt = np.repeat(img, 3, axis=0) + rng.normal(scale=0.8, size=(69, 6)).astype(np.float32)
+    txt[::7] = txt[0]  # exact ties across blocks
+    caption_image = np.repeat(np.arange(23), 3)
+    full = evaluate.retrieval_recalls(img, txt, caption_image, block=10_000)
+    assert evaluate.retrieval_recalls(img, txt, caption_image, block=4) == full
+    extra = np.c_[rng.integers(0, 23, 30), rng.integers(0, 69, 30)]
+    stats = [evaluate.positive_rank_stats(img, txt, np.arange(23), caption_image, positive_pairs=extra,
+                                          exclude_pairs=extra[:5] + [0, 1], block=b) for b in (3, 10_000)]
+    for a, b in zip(*stats):
+        np.testing.assert_array_equal(a, b)
+    scores, idx = evaluate.top_k(img, txt, k=7, block=5)
+    full_scores = img @ txt.T
+    expected = np.lexsort((np.broadcast_to(np.arange(69), full_scores.shape), -full_scores), axis=1)[:, :7]
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_allclose(scores, np.take_along_axis(full_scores, expected, 1), rtol=1e-6)
+
+
+def test_cxc_scores_positives_and_correlations():
+    # 3 images with 2 captions each; image / caption embeddings on a circle so that every ranking is known.
+    angle = lambda a: np.array([np.cos(a), np.sin(a)], np.float32)
+    img = np.stack([angle(0.0), angle(1.0), angle(2.0)])
+    txt = np.stack([angle(a) for a in (0.05, 0.9, 1.05, 1.95, 2.1, 0.1)])
+    caption_image = np.array([0, 0, 1, 1, 2, 2])
+    pairs = {"sts": (np.array([0, 2]), np.array([5, 4]), np.array([4.0, 1.0])),
+             "sis": (np.array([0, 0]), np.array([1, 2]), np.array([3.5, 0.5])),
+             "sits": (np.array([5, 3]), np.array([0, 0]), np.array([3.0, 2.0]))}
+    r = evaluate.cxc_scores(img, txt, caption_image, pairs, threshold=3.0, n_boot=10)
+    # caption 5 (angle 0.1) belongs to image 2 but CxC makes image 0, its nearest, a positive too (score 3);
+    # captions 1 and 3 are nearest to another image; caption 3 to image 0 scores 2, below the threshold
+    assert r["t2i"]["R@1"] == pytest.approx(100 * 4 / 6)
+    # image 2's nearest caption is caption 3, of image 1
+    assert r["i2t"]["R@1"] == pytest.approx(100 * 2 / 3) and r["i2t"]["R@5"] == 100.0
+    # text->text: caption 0 and 5 are positives of each other (score 4); 2-4 is below the threshold
+    assert r["t2t"] == {"R@1": 100.0, "R@5": 100.0, "R@10": 100.0}
+    # image->image: 0 and 1 are positives (3.5): image 0's nearest other image is 1, image 1's is 0 or 2 (tie)
+    assert r["i2i"]["R@1"] == pytest.approx(75.0)
+    # correlations over all pairs (two per task), each ordered as the scores
+    for task in ("sts", "sis", "sits"):
+        assert r[task] == {"mean": pytest.approx(100.0), "std": pytest.approx(0.0)}
+    assert r["mean_avg"] == pytest.approx(100.0)
+
+
+def test_combine_query_weights_text_two_to_one():
+    img, red, cars = np.array([3.0, 0, 0]), np.array([0, 0.5, 0]), np.array([0, 0, 2.0])
+    q = evaluate.combine_query(img, [red], [cars])
+    expected = np.array([1.0, 2.0, -2.0]) / 3.0  # unit vectors, image x1, +text x2, -text x2
+    np.testing.assert_allclose(q, expected)
+
+
+def test_linear_probe_learns_separable_features():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 3
+    label = rng.integers(0, 4, 400)
+    x = (centres[label] + rng.normal(size=(400, 16))).astype(np.float32)
+    w = evaluate.train_linear_probe(x, label, 4, epochs=5, batch_size=64)
+    acc = evaluate.classification_accuracy(np.c_[x, np.ones(400)], np.r_[w["kernel"], w["bias"][None]].T, label)
+    assert acc["top1"] > 97
+
+
+def test_docstring_examples():
+    assert doctest.testmod(evaluate, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
+def test_shipped_imagenet_names_and_folder_mapping():
+    names = open(os.path.join(evaluate.EVAL_DATA, "imagenet_classnames.txt")).read().splitlines()
+    wnids = open(os.path.join(evaluate.EVAL_DATA, "imagenet_wnids.txt")).read().splitlines()
+    templates = open(os.path.join(evaluate.EVAL_DATA, "imagenet_templates.txt")).read().splitlines()
+    assert len(names) == len(wnids) == 1000 and wnids == sorted(set(wnids)) and len(set(templates)) == 80
+    assert all("{}" in t for t in templates) and "a photo of a {}." in templates
+    assert evaluate.class_names(["n01440764", "n01443537", "n15075141"]) == ["tench", "goldfish", "toilet paper"]
+    assert evaluate.class_names(["1", "999"]) == ["goldfish", "toilet paper"]  # ImageNetV2's folders
+    assert evaluate.class_names(["red_fox", "cat"]) == ["red fox", "cat"]
+
+
+# ---------------------------------------------------------------- end to end, through the command line
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230)}
+SIZE = 32
+
+
+def tiny_checkpoint(path):
+    """A tiny model saved with align.save. The weights are align.init's shapes filled by numpy: align.init
+    draws each leaf with its own compiled jax.random call (~25 s for `tiny` on 2 cores)."""
+    vocab = data.synthetic_vocab(os.path.join(path, "vocab_src.txt"))
+    with open(vocab) as f:
+        vocab_size = sum(1 for _ in f)
+    tiny = align.SIZES["tiny"]
+    cfg = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, vocab_size=vocab_size))
+    shapes = jax.eval_shape(lambda: align.init(jax.random.key(0), cfg))
+    rng = np.random.default_rng(0)
+
+    def fill(key_path, leaf):
+        name = jax.tree_util.keystr(key_path)
+        if name.endswith(("['scale']", "['var']")):
+            return np.ones(leaf.shape, np.float32)
+        if name.endswith(("['bias']", "['mean']", "['temperature']")):
+            return np.zeros(leaf.shape, np.float32)
+        fan_in = math.prod(leaf.shape[-4:-1]) if "conv" in name else leaf.shape[-2]
+        return (rng.normal(size=leaf.shape) / math.sqrt(max(fan_in, 1))).astype(np.float32)
+
+    params, state = jax.tree_util.tree_map_with_path(fill, shapes)
+    model = os.path.join(path, "model")
+    align.save(model, params, state, cfg, vocab_path=vocab)
+    return model
+
+
+def write_image(path, colour, seed, fmt):
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour) + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
+    pixels[rng.integers(0, 30):, : rng.integers(10, 40)] //= 2  # a darker block, different per image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(pixels).save(path, fmt)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A checkpoint; COCO-style Karpathy JSON with 6 test images (+1 corrupt, +1 train); CxC CSVs; class folders."""
+    root = tmp_path_factory.mktemp("eval")
+    out = {"root": root, "model": tiny_checkpoint(str(root)), "cache": str(root / "cache")}
+    images, sentid = [], 0
+    for i, colour in enumerate(["red", "green", "blue", "red", "green", "blue", "corrupt", "train"]):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        path = root / "coco" / "val2014" / name
+        if colour == "corrupt":
+            path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        else:
+            write_image(str(path), COLOURS.get(colour, (128, 128, 128)), i, "JPEG" if i % 2 else "PNG")
+        sentences = [{"raw": f"a photo of a {colour} square number {j}", "sentid": sentid + j} for j in range(5)]
+        images.append({"filepath": "val2014", "filename": name, "split": "train" if colour == "train" else "test",
+                       "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+        sentid += 5
+    out["karpathy"] = str(root / "dataset_coco.json")
+    with open(out["karpathy"], "w") as f:
+        json.dump({"images": images, "dataset": "coco"}, f)
+
+    # CxC's released format (header, COCO file names, COCO_val2014:sentid:N), one row with an unknown id
+    cxc = root / "cxc"
+    cxc.mkdir()
+    cap = lambda s: f"COCO_val2014:sentid:{s}"
+    img = lambda i: f"COCO_val2014_{i:012d}.jpg"
+    tables = {
+        "sts": (["caption1", "caption2"], [(cap(0), cap(15), 4.2), (cap(1), cap(6), 0.4), (cap(2), cap(20), 3.1),
+                                           (cap(3), cap(12), 1.5), (cap(99999), cap(1), 2.0)]),
+        "sis": (["image1", "image2"], [(img(0), img(3), 4.0), (img(1), img(2), 1.0), (img(4), img(1), 3.3),
+                                       (img(5), img(0), 0.6)]),
+        "sits": (["caption", "image"], [(cap(0), img(0), 4.9), (cap(5), img(3), 3.5), (cap(10), img(1), 0.2),
+                                        (cap(25), img(2), 2.5)]),
+    }
+    for task, (cols, rows) in tables.items():
+        with open(cxc / f"{task}_test.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols + ["agg_score", "sampling_method"])
+            w.writerows([[a, b, s, "c2c_isim"] for a, b, s in rows])
+    out["cxc"] = str(cxc)
+
+    for split, count in (("train", 3), ("val", 2)):
+        for c, colour in enumerate(COLOURS):
+            for k in range(count):
+                seed = 100 * c + k + 50 * (split == "val")
+                write_image(str(root / "classes" / split / colour / f"{k}.png"), COLOURS[colour], seed, "PNG")
+    return out
+
+
+def run(files, *argv):
+    out = str(files["root"] / f"{argv[0]}-{abs(hash(argv))}.json")
+    result = evaluate.main([*argv, "--json", out, "--cache", files["cache"], "--image-size", str(SIZE),
+                            "--batch-size", "4"])
+    with open(out) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    return result
+
+
+def test_sharded_batches_equal_one_unsharded_call(files):
+    """Embeddings from padded batches split over the 8 simulated devices equal one plain call on all rows."""
+    model = evaluate.load_model(files["model"])
+    params, state, cfg = align.load(files["model"])
+    paths = evaluate.list_images(str(files["root"] / "classes"))  # 15 images: two batches of 8, one padded
+    emb, ok, skipped = evaluate.embed_image_files(model, paths, SIZE, batch=5)
+    pixels = np.stack([evaluate.eval_pixels(p, SIZE) for p in paths]).astype(np.float32) / 127.5 - 1
+    assert ok.all() and not skipped and jax.device_count() == 8
+    np.testing.assert_allclose(emb, align.embed_images(params, state, pixels, cfg), atol=1e-5)
+    texts = [f"a photo of {n} red circles" for n in range(20)]
+    ids, mask = model.tokenizer.encode(texts, cfg.text.max_len)
+    np.testing.assert_allclose(evaluate.embed_text_list(model, texts, batch=8),
+                               align.embed_texts(params, ids, mask, cfg), atol=1e-5)
+
+
+def assert_recalls(r, ks=(1, 5, 10)):
+    values = [r[f"R@{k}"] for k in ks]
+    assert all(0 <= v <= 100 for v in values) and values == sorted(values), r
+
+
+def test_retrieval_cli(files):
+    args = ("retrieval", "--checkpoint", files["model"], "--karpathy", files["karpathy"],
+            "--images", str(files["root"] / "coco"))
+    r = run(files, *args)
+    assert set(r) == {"i2t", "t2i", "info"}
+    assert_recalls(r["i2t"]), assert_recalls(r["t2i"])
+    # the corrupt image is skipped and counted; its 5 captions leave with it; the train image is not in the split
+    assert r["info"]["images"] == 6 and r["info"]["captions"] == 30
+    assert r["info"]["skipped_images"]["corrupt_image"]["count"] == 1
+    assert r["t2i"]["R@10"] == 100.0  # only 6 images
+    assert run(files, *args) == r  # the second run reads the cache
+    assert len(os.listdir(files["cache"])) >= 2
+
+
+def test_retrieval_scores_saved_embeddings_in_annotation_order(files, tmp_path):
+    # 7 test images in the JSON's order (the corrupt one too: embeddings need no decoding), 35 captions
+    img = np.eye(7, 8, dtype=np.float32)
+    txt = np.repeat(img, 5, axis=0) + 0.01 * np.random.default_rng(0).normal(size=(35, 8)).astype(np.float32)
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "txt.npy", txt)
+    np.save(tmp_path / "shifted.npy", np.roll(txt, 5, axis=0))  # every caption moved to the next image
+    base = ("retrieval", "--karpathy", files["karpathy"], "--image-embeddings", str(tmp_path / "img.npy"))
+    r = run(files, *base, "--text-embeddings", str(tmp_path / "txt.npy"))
+    assert r["i2t"]["R@1"] == r["t2i"]["R@1"] == 100.0
+    r = run(files, *base, "--text-embeddings", str(tmp_path / "shifted.npy"))
+    assert r["i2t"]["R@1"] == r["t2i"]["R@1"] == 0.0
+
+
+def test_zeroshot_cli(files, tmp_path):
+    folder = str(files["root"] / "classes" / "val")
+    r = run(files, "zeroshot", "--checkpoint", files["model"], "--images", folder)
+    assert set(r) == {"top1", "top5", "info"} and 0 <= r["top1"] <= r["top5"] == 100.0  # 3 classes
+    assert r["info"]["prompts"] == 80 and r["info"]["classes"] == 3 and r["info"]["images"] == 6
+    single = run(files, "zeroshot", "--checkpoint", files["model"], "--images", folder, "--single-prompt")
+    assert single["info"]["prompts"] == 1 and 0 <= single["top1"] <= 100
+    # saved embeddings: [C, T, E] prompts are ensembled; images in sorted class folder order (blue, green, red)
+    np.save(tmp_path / "img.npy", np.repeat(np.eye(3, dtype=np.float32), 2, axis=0))
+    np.save(tmp_path / "txt.npy", np.repeat(np.eye(3, dtype=np.float32)[:, None], 4, axis=1))
+    r = run(files, "zeroshot", "--images", folder, "--image-embeddings", str(tmp_path / "img.npy"),
+            "--text-embeddings", str(tmp_path / "txt.npy"))
+    assert r["top1"] == 100.0
+
+
+def test_cxc_cli(files):
+    r = run(files, "cxc", "--checkpoint", files["model"], "--karpathy", files["karpathy"],
+            "--coco-images", str(files["root"] / "coco"), "--cxc", files["cxc"], "--bootstrap", "50")
+    for task in ("i2t", "t2i", "t2t", "i2i"):
+        assert_recalls(r[task])
+    for task in ("sts", "sis", "sits"):
+        assert -100 <= r[task]["mean"] <= 100 and r[task]["std"] >= 0
+    assert -100 <= r["mean_avg"] <= 100
+    assert r["info"]["pairs"] == {"sts": 4, "sis": 4, "sits": 4} and r["info"]["dropped_pairs"]["sts"] == 1
+
+
+def test_knn_cli(files):
+    r = run(files, "knn", "--checkpoint", files["model"], "--train", str(files["root"] / "classes" / "train"),
+            "--val", str(files["root"] / "classes" / "val"))
+    assert_recalls(r)
+    assert r["R@10"] == 100.0  # 9 training images: every label is within the top 10
+    assert r["info"]["train_images"] == 9 and r["info"]["val_images"] == 6
+
+
+def test_linear_probe_cli(files):
+    r = run(files, "linear-probe", "--checkpoint", files["model"], "--train", str(files["root"] / "classes" / "train"),
+            "--val", str(files["root"] / "classes" / "val"), "--val-image-size", "36", "--epochs", "3",
+            "--probe-batch-size", "4")
+    assert set(r) == {"top1", "top5", "info"} and 0 <= r["top1"] <= r["top5"] == 100.0
+    assert r["info"]["features"] == align.SIZES["tiny"].image.features and r["info"]["val_size"] == 36
+
+
+def test_search_cli_writes_the_grid(files):
+    index = str(files["root"] / "classes" / "train")
+    grid = str(files["root"] / "grid.png")
+    query_image = os.path.join(index, "red", "0.png")
+    r = run(files, "search", "--checkpoint", files["model"], "--index", index, "--image", query_image,
+            "--query", "blue", "--minus", "red", "--top-k", "4", "--grid", grid, "--thumb", "40")
+    scores = [h["score"] for h in r["results"]]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+    assert query_image not in [h["path"] for h in r["results"]]  # the query image itself is not a result
+    with Image.open(grid) as im:
+        assert im.size == (40 * 5, 24 + 40 + 18)  # the query image and 4 results
+    r = run(files, "search", "--checkpoint", files["model"], "--index", index, "--query", "a green square",
+            "--top-k", "9", "--grid", grid, "--thumb", "40")
+    assert len(r["results"]) == 9 and len({h["path"] for h in r["results"]}) == 9
+    with Image.open(grid) as im:
+        assert im.size == (40 * 9, 24 + 40 + 18)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["retrieval", "--karpathy", "missing.json", "--images", "."], "missing.json: no such file"),
+    (["retrieval", "--karpathy", "{karpathy}", "--split", "val", "--images", "."],
+     "no image has split 'val' (it has test, train)"),
+    (["zeroshot", "--checkpoint", "{model}", "--images", "{empty}"], "no image in 0 subfolders"),
+    (["knn", "--checkpoint", "nowhere", "--train", ".", "--val", "."], "nowhere: no such model or run directory"),
+])
+def test_bad_input_gives_one_line_error(files, capsys, argv, message):
+    (files["root"] / "empty").mkdir(exist_ok=True)
+    argv = [a.format(karpathy=files["karpathy"], model=files["model"], empty=files["root"] / "empty") for a in argv]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv + ["--no-cache"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith(f"evaluate.py {argv[0]}: error:")
