@@ -32,6 +32,7 @@ def towers(args):
     (img_params, bn_state), txt_params = params["image"], params["text"]
     jax.block_until_ready(txt_params)
     init_s = time.perf_counter() - t0
+    print(f"initialised {args.image_tower} + BERT-{args.text_tower} in {init_s:.1f} s", flush=True)
 
     images = jax.random.uniform(jax.random.key(2), (B, S, S, 3), minval=-1, maxval=1)
     ids = jax.random.randint(jax.random.key(3), (B, L), 0, txt_cfg.vocab_size)
@@ -50,11 +51,13 @@ def towers(args):
     t0 = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    print(f"traced in {trace_s:.1f} s, compiled in {compile_s:.1f} s", flush=True)
 
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(p, bn_state, images, ids, mask, jax.random.key(5 + i)))
+        print(f"step {i}: {time.perf_counter() - t0:.2f} s{' (warm-up)' if i < args.warmup else ''}", flush=True)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     n_params = sum(x.size for x in jax.tree.leaves(p))

@@ -1,0 +1,426 @@
+"""Train ALIGN: the paper's recipe (Sec. 5) at every size, one CPU to many hosts.
+
+    python train.py                       # tiny model, synthetic data, this CPU, a few minutes
+    python train.py --size L2 --data 'shards/{00000..99999}.tar' --vocab vocab.txt --out runs/l2
+
+The step is data parallel over one `data` mesh axis spanning every device of every process: each
+device holds its slice of the global batch, the parameters are replicated, and the loss is ALIGN's
+global-batch contrastive loss (align.py), whose negatives are every pair on every device. Parameter
+gradients are averaged over the axis (the contract in `align.contrastive_loss`).
+
+Checkpoints (`OUT/ckpt_<step>/`): a model directory of `align.save` (weights, BatchNorm state, config,
+vocab) plus the optimizer state and `train_state.json` (step, data position, counters). A checkpoint is
+written under a temporary name and renamed into place, so a kill never leaves a half-written one; the
+last `--keep` are kept; the same command started again resumes from the newest.
+
+Deviations from the paper's recipe:
+- The temperature is updated by Adam, not LAMB: LAMB scales a parameter's step by its norm, and our
+  log-temperature starts at ~0, so LAMB would freeze it (align.py explains the parametrisation).
+- BatchNorm running averages are averaged over devices after each step, so the state stays replicated
+  (the batch statistics used in the forward pass stay per device, as on the paper's TPUs).
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import align
+import bert
+import data
+import efficientnet as en
+import weights
+
+P = jax.sharding.PartitionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Optimisation and data settings; model shape comes from align.SIZES plus overrides."""
+    batch_size: int = 16384          # Sec. 5: 1024 TPUv3 cores x 16 pairs
+    steps: int = 1_200_000           # Sec. 5: "linearly decay to zero in 1.2M steps (~12 epochs)"
+    lr: float = 1e-3                 # Sec. 5: warmed up linearly to 1e-3 ...
+    warmup_steps: int = 10_000       # ... from zero in 10k steps
+    weight_decay: float = 1e-5       # Sec. 5: LAMB with weight decay ratio 1e-5
+    label_smoothing: float = 0.1     # Sec. 5
+    temperature_init: float = 1.0    # Sec. 5
+    image_size: int = 289            # Sec. 5: 346 resize, 289 crop
+    dtype: str = "bfloat16"
+    log_every: int = 100
+    ckpt_every: int = 5000
+    eval_every: int = 0
+
+
+RECIPES = {
+    "L2": Recipe(),
+    # Sec. 6.1: "We reduce the training steps to 1M in ablation"; the ablation models are B1-B7.
+    **{s: Recipe(steps=1_000_000) for s in ("B1", "B3", "B5", "B7")},
+    # Made up: learns image-text retrieval on the synthetic data on a 2-core CPU in a few minutes.
+    "tiny": Recipe(batch_size=64, steps=600, lr=3e-3, warmup_steps=50, image_size=64, dtype="float32",
+                   log_every=20, ckpt_every=200, eval_every=0),
+}
+# Sec. 5.1: fine-tuning for retrieval, batch 2048, learning rate 1e-5, 3k (Flickr30K) / 6k (MSCOCO) steps.
+FINETUNE = {"flickr30k": dict(batch_size=2048, lr=1e-5, steps=3000, warmup_steps=0),
+            "mscoco": dict(batch_size=2048, lr=1e-5, steps=6000, warmup_steps=0)}
+
+
+class UsageError(Exception):
+    """A problem with the command line or inputs: printed as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Train ALIGN (Jia et al. 2021).",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--size", default="tiny", help=f"one of {list(align.SIZES)}")
+    ap.add_argument("--image-tower", help=f"override: one of {list(en.CONFIGS)}")
+    ap.add_argument("--text-tower", help=f"override: one of {list(bert.CONFIGS)}")
+    ap.add_argument("--embed-dim", type=int)
+    ap.add_argument("--finetune", choices=list(FINETUNE), help="Sec. 5.1 retrieval fine-tuning recipe")
+    for field in dataclasses.fields(Recipe):
+        ap.add_argument("--" + field.name.replace("_", "-"), type=field.type if field.type != "str" else str,
+                        help=f"default: the size's recipe")
+    ap.add_argument("--data", default="synthetic", help="tar shards (brace/glob/list), a TSV/CSV, or synthetic")
+    ap.add_argument("--eval-data", help="held-out data for retrieval (default: synthetic's held-out split)")
+    ap.add_argument("--vocab", help="WordPiece vocab.txt (default: the synthetic data's vocabulary)")
+    ap.add_argument("--out", default="runs/tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="start from a checkpoint or an HF AlignModel directory")
+    ap.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+    ap.add_argument("--bn-across-devices", action="store_true",
+                    help="average BatchNorm batch statistics over all devices (default: per device, as the paper)")
+    ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    ap.add_argument("--workers", type=int, default=None, help="data decoding processes (default: cores - 1)")
+    ap.add_argument("--max-skipped-steps", type=int, default=10,
+                    help="stop when this many consecutive steps have a non-finite loss or gradient")
+    ap.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host without auto-detection")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
+    ap.add_argument("--skip-final-eval", action="store_true", help="do not run held-out retrieval at the end")
+    ap.add_argument("--stop-after", type=int, help="checkpoint and exit after this many steps, as on preemption")
+    ap.add_argument("--plant-nan-at", type=int, help=argparse.SUPPRESS)  # tests: a NaN batch at this step
+    return ap.parse_args(argv)
+
+
+def resolve(args):
+    """(model config, recipe) from --size plus overrides; errors are UsageError one-liners."""
+    if args.size not in align.SIZES:
+        raise UsageError(f"unknown --size {args.size!r}; choose one of {list(align.SIZES)}")
+    recipe = RECIPES[args.size]
+    if args.finetune:
+        recipe = dataclasses.replace(recipe, **FINETUNE[args.finetune])
+    recipe = dataclasses.replace(recipe, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
+                                            if getattr(args, f.name) is not None})
+    cfg = align.SIZES[args.size]
+    if args.image_tower:
+        if args.image_tower not in en.CONFIGS:
+            raise UsageError(f"unknown --image-tower {args.image_tower!r}; choose one of {list(en.CONFIGS)}")
+        cfg = dataclasses.replace(cfg, image=en.CONFIGS[args.image_tower])
+    if args.text_tower:
+        if args.text_tower not in bert.CONFIGS:
+            raise UsageError(f"unknown --text-tower {args.text_tower!r}; choose one of {list(bert.CONFIGS)}")
+        cfg = dataclasses.replace(cfg, text=bert.CONFIGS[args.text_tower])
+    cfg = dataclasses.replace(cfg, embed_dim=args.embed_dim or cfg.embed_dim, temperature_init=recipe.temperature_init,
+                              image=dataclasses.replace(cfg.image, dtype=recipe.dtype, remat=args.remat),
+                              text=dataclasses.replace(cfg.text, dtype=recipe.dtype, remat=args.remat))
+    return cfg, recipe
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser and step
+
+
+def _is_stacked(path):
+    """Leaves stacked over layers: EfficientNet stages' 'rest' blocks and BERT's 'layers'."""
+    names = [getattr(k, "key", None) for k in path]
+    return "rest" in names or names[:2] == ["text", "layers"]
+
+
+def scale_by_layer_trust_ratio():
+    """LAMB's trust ratio |w| / |u| (You et al. 2020), one per layer.
+
+    optax computes it per leaf, but our scanned blocks and BERT layers are stacked on a leading axis:
+    those leaves get one ratio per slice of that axis, as separate layers would.
+    """
+    def update(updates, state, params):
+        def one(path, u, p):
+            axes = tuple(range(1, u.ndim)) if _is_stacked(path) else None
+            p_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=axes, keepdims=True))
+            u_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=True))
+            return u * jnp.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
+        return jax.tree_util.tree_map_with_path(one, updates, params), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(recipe: Recipe, params):
+    """LAMB with weight decay on weight matrices only, warm-up then linear decay (Sec. 5)."""
+    lr = optax.join_schedules([optax.linear_schedule(0.0, recipe.lr, max(recipe.warmup_steps, 1)),
+                               optax.linear_schedule(recipe.lr, 0.0, max(recipe.steps - recipe.warmup_steps, 1))],
+                              [recipe.warmup_steps])
+    # No decay on BatchNorm/LayerNorm scales, biases or the temperature. A leaf's rank tells them apart,
+    # counting a stacked leaf's layer axis out: matrices and conv kernels decay, vectors do not.
+    decay = lambda p: jax.tree_util.tree_map_with_path(lambda path, x: x.ndim - _is_stacked(path) >= 2, p)
+    # optax.lamb's own chain (Adam moments, decoupled weight decay, trust ratio, learning rate), with
+    # the per-layer trust ratio above.
+    lamb = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6), optax.add_decayed_weights(recipe.weight_decay, decay),
+                       scale_by_layer_trust_ratio(), optax.scale_by_learning_rate(lr))
+    labels = {k: ("temperature" if k == "temperature" else "lamb") for k in params}
+    return optax.multi_transform({"lamb": lamb, "temperature": optax.adam(lr)}, labels), lr
+
+
+def make_step(cfg, recipe, optimizer, mesh, bn_across):
+    """The jitted data-parallel training step over the mesh's `data` axis."""
+    bn_axis = "data" if bn_across else None
+
+    def step(params, state, opt_state, pixels, ids, mask, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))  # stochastic depth differs per device
+        (loss, (metrics, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
+            params, state, pixels, ids, mask, cfg, rng, axis_name="data", bn_axis_name=bn_axis,
+            label_smoothing=recipe.label_smoothing)
+        grads = jax.lax.pmean(grads, "data")  # align.contrastive_loss's contract: pmean, never psum
+        new_state = jax.lax.pmean(new_state, "data")  # keep BatchNorm's running averages replicated
+        finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, new_opt = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient never reaches the parameters: keep everything as it was.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        metrics = dict(metrics, finite=finite.astype(jnp.float32))
+        return keep(new_params, params), keep(new_state, state), keep(new_opt, opt_state), metrics
+
+    rep = P()
+    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(rep, rep, rep, P("data"), P("data"), P("data"), rep),
+                                 out_specs=(rep, rep, rep, rep)), donate_argnums=(0, 1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state, keep):
+    """OUT/ckpt_<step>: written as OUT/.tmp_ckpt_<step> and renamed, so it is whole or absent."""
+    final = os.path.join(out, f"ckpt_{step:09d}")
+    tmp = os.path.join(out, f".tmp_ckpt_{step:09d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    align.save(tmp, jax.device_get(params), jax.device_get(state), cfg, vocab_path=vocab)
+    weights.write_safetensors(os.path.join(tmp, "optimizer.safetensors"), weights.tree_to_flat(jax.device_get(opt_state)))
+    with open(os.path.join(tmp, "train_state.json"), "w") as f:
+        json.dump(train_state, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(d for d in os.listdir(out) if d.startswith("ckpt_"))[:-keep]:
+        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+    return final
+
+
+def gather_data_states(state, size=1 << 16):
+    """Every process's loader position, as a list indexed by process (each reads its own shards)."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+    blob = json.dumps(state).encode()
+    if len(blob) > size:
+        raise RuntimeError(f"data loader state is {len(blob)} bytes, more than {size}")
+    rows = multihost_utils.process_allgather(np.frombuffer(blob.ljust(size), np.uint8))
+    return [json.loads(bytes(row).rstrip()) for row in np.asarray(rows)]
+
+
+def latest_checkpoint(out):
+    ckpts = sorted(d for d in os.listdir(out) if d.startswith("ckpt_")
+                   and os.path.exists(os.path.join(out, d, "train_state.json"))) if os.path.isdir(out) else []
+    return os.path.join(out, ckpts[-1]) if ckpts else None
+
+
+def load_checkpoint(path, cfg, optimizer):
+    params, state, saved_cfg = align.load(path)
+    if saved_cfg != cfg:
+        raise UsageError(f"{path} holds a {saved_cfg.name} model ({saved_cfg.image.name} + BERT-{saved_cfg.text.name}, "
+                         f"{saved_cfg.embed_dim}-d), not the one asked for; use a new --out or the same --size")
+    opt_template = jax.eval_shape(optimizer.init, params)
+    opt_state = weights.flat_to_tree(weights.read_safetensors(os.path.join(path, "optimizer.safetensors")), opt_template)
+    with open(os.path.join(path, "train_state.json")) as f:
+        return params, state, opt_state, json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def heldout_retrieval(params, state, cfg, tokenizer, eval_data, image_size, mesh, batch=64):
+    """R@1/5/10 in both directions on held-out pairs (one caption per image)."""
+    import evaluate  # only here: train.py does not need evaluation's dependencies otherwise
+    embed_img = jax.jit(align.embed_images, static_argnames="cfg")
+    embed_txt = jax.jit(align.embed_texts, static_argnames="cfg")
+    imgs, txts = [], []
+    loader = data.make_loader(eval_data, tokenizer=tokenizer, global_batch=batch, image_size=image_size,
+                              train=False, max_len=cfg.text.max_len, workers=0)
+    for b in loader:
+        v = b["valid"]
+        imgs.append(np.asarray(embed_img(params, state, b["pixels"], cfg=cfg))[v])
+        txts.append(np.asarray(embed_txt(params, b["ids"], b["mask"], cfg=cfg))[v])
+    img_NE, txt_NE = np.concatenate(imgs), np.concatenate(txts)
+    return evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(len(txt_NE))), len(img_NE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main loop
+
+
+def train(args):
+    cfg, recipe = resolve(args)
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    elif any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")) and \
+            int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+        jax.distributed.initialize()  # JAX detects the cluster (SLURM, TPU pods)
+    n_dev, p_id, p_count = jax.device_count(), jax.process_index(), jax.process_count()
+    if recipe.batch_size % n_dev:
+        raise UsageError(f"--batch-size {recipe.batch_size} is not divisible by the {n_dev} devices; "
+                         f"use a multiple of {n_dev}")
+    if not args.data.startswith("synthetic"):
+        try:
+            paths = [args.data] if args.data.endswith((".tsv", ".csv")) else data.list_shards(args.data)
+        except ValueError as e:
+            raise UsageError(str(e))
+        if not any(os.path.exists(p) for p in paths):
+            raise UsageError(f"--data {args.data!r}: no such file ({len(paths)} path(s) tried, e.g. {paths[0]})")
+    vocab = args.vocab or data.synthetic_vocab()
+    if not os.path.exists(vocab):
+        raise UsageError(f"--vocab {vocab} does not exist; build one with: python data.py vocab --data SRC --out vocab.txt")
+    tokenizer = data.Tokenizer(vocab)
+    # The vocabulary defines the embedding table (ALIGN's is 100k words, built from its data, Sec. 4.1).
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer.vocab)))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    params, state = jax.jit(align.init, static_argnums=1)(jax.random.key(args.seed), cfg)
+    optimizer, lr_schedule = make_optimizer(recipe, params)
+    opt_state = optimizer.init(params)
+    train_state = {"step": 0, "data": None, "skipped_steps": 0}
+
+    resume = latest_checkpoint(args.out)
+    if resume:
+        params, state, opt_state, train_state = load_checkpoint(resume, cfg, optimizer)
+    elif args.init:
+        params, state, init_cfg = align.load(args.init)
+        if init_cfg.text.vocab_size != cfg.text.vocab_size:
+            raise UsageError(f"--init {args.init} has a {init_cfg.text.vocab_size}-word vocabulary but --vocab has "
+                             f"{cfg.text.vocab_size}; pass the vocab.txt that came with it")
+        cfg = dataclasses.replace(init_cfg, image=dataclasses.replace(init_cfg.image, dtype=cfg.image.dtype, remat=cfg.image.remat),
+                                  text=dataclasses.replace(init_cfg.text, dtype=cfg.text.dtype, remat=cfg.text.remat))
+        opt_state = optimizer.init(params)
+
+    if p_id == 0:
+        os.makedirs(args.out, exist_ok=True)
+        resolved = {"model": align.config_to_dict(cfg), "recipe": dataclasses.asdict(recipe),
+                    "args": vars(args), "devices": n_dev, "processes": p_count}
+        print(json.dumps({"model": cfg.name, "image": cfg.image.name, "text": cfg.text.name,
+                          "embed_dim": cfg.embed_dim, **dataclasses.asdict(recipe), "devices": n_dev}))
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=1)
+
+    workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 1) - 1)
+    loader = data.make_loader(args.data, tokenizer=tokenizer, global_batch=recipe.batch_size,
+                              image_size=recipe.image_size, train=True, seed=args.seed, process_index=p_id,
+                              process_count=p_count, max_len=cfg.text.max_len, workers=workers,
+                              state=train_state["data"][p_id] if train_state["data"] else None)
+    step_fn = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices)
+    batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+    to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
+
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    from tqdm import tqdm
+    bar = tqdm(total=recipe.steps, initial=train_state["step"], disable=p_id != 0, dynamic_ncols=True)
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if p_id == 0 else None
+    consecutive_bad, t_last, images_since = 0, time.perf_counter(), 0
+    rng = jax.random.key(args.seed + 1)
+
+    def checkpoint():  # called on every process: the data positions are gathered collectively
+        train_state["data"] = gather_data_states(loader.state())
+        if p_id == 0:
+            save_checkpoint(args.out, train_state["step"], params, state, opt_state, cfg, vocab, train_state, args.keep)
+
+    while train_state["step"] < recipe.steps:
+        batch = next(loader)
+        step = train_state["step"]
+        if args.plant_nan_at == step:
+            batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
+        params, state, opt_state, m = step_fn(params, state, opt_state, to_global(batch["pixels"]),
+                                              to_global(batch["ids"]), to_global(batch["mask"]),
+                                              jax.random.fold_in(rng, step))
+        train_state["step"] = step + 1
+        images_since += recipe.batch_size
+        if not bool(m["finite"]):
+            train_state["skipped_steps"] += 1
+            consecutive_bad += 1
+            if consecutive_bad >= args.max_skipped_steps:
+                raise UsageError(f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step}); "
+                                 f"stopped, the last good checkpoint is in {args.out}; try a lower --lr")
+        else:
+            consecutive_bad = 0
+        bar.update(1)
+        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
+            now = time.perf_counter()
+            row = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "lr": float(lr_schedule(step)),
+                   "images_per_s": images_since / (now - t_last), "skipped_steps": train_state["skipped_steps"],
+                   "skipped_samples": loader.stats.get("bad", 0)}
+            t_last, images_since = now, 0
+            bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.4f}", lr=f"{row['lr']:.2e}",
+                            img_s=f"{row['images_per_s']:.0f}")
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+        if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and p_id == 0:
+            r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size, mesh)
+            bar.write(f"step {step + 1}: held-out retrieval ({n} pairs) i2t R@1 {r['i2t']['R@1']:.1f}  t2i R@1 {r['t2i']['R@1']:.1f}")
+        if args.stop_after == step + 1:
+            stop["signal"] = "--stop-after"
+        if (step + 1) % recipe.ckpt_every == 0 or stop["signal"]:
+            checkpoint()
+        if stop["signal"]:
+            bar.write(f"stopped by {stop['signal']}: checkpoint written at step {step + 1}; exiting")
+            loader.close()
+            return 0
+    bar.close()
+    if train_state["step"] % recipe.ckpt_every:
+        checkpoint()
+    loader.close()
+    if p_id == 0 and not args.skip_final_eval:
+        t0 = time.perf_counter()
+        r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size, mesh)
+        print(f"held-out retrieval on {n} pairs ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
+        print(f"  image->text R@1 {r['i2t']['R@1']:.1f}  R@5 {r['i2t']['R@5']:.1f}  R@10 {r['i2t']['R@10']:.1f}")
+        print(f"  text->image R@1 {r['t2i']['R@1']:.1f}  R@5 {r['t2i']['R@5']:.1f}  R@10 {r['t2i']['R@10']:.1f}")
+        with open(os.path.join(args.out, "retrieval.json"), "w") as f:
+            json.dump({"step": train_state["step"], "pairs": n, **r}, f)
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (UsageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # out of memory gets a hint, everything else its traceback
+        if "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e):
+            print(f"error: out of memory ({str(e).splitlines()[0][:200]}); try --remat, a smaller --batch-size "
+                  "per device, or --dtype bfloat16", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
