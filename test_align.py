@@ -167,6 +167,22 @@ def test_stochastic_depth_only_in_training_and_per_sample():
     assert (per_sample.min(1) == per_sample.max(1)).all() and 0 < (per_sample[:, 0] == 0).sum() < 64
 
 
+@pytest.mark.parametrize("K", [3, 5])
+@pytest.mark.parametrize("stride,pad", [(1, "SAME"), (2, "SAME"), (2, "hf"), (2, "hf-square")])
+@pytest.mark.parametrize("size", [9, 10])
+def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size):
+    """The CPU path (shifted multiply-adds) against XLA's grouped convolution, values and gradients."""
+    padding = {"SAME": "SAME", "hf": ((K // 2 - 1, K // 2),) * 2, "hf-square": ((K // 2, K // 2),) * 2}[pad]
+    x = _images(7, 2, size)[..., :1] * jnp.arange(1, 7) / 3.0
+    w = jax.random.normal(jax.random.key(K), (K, K, 1, 6))
+    np.testing.assert_allclose(en._depthwise(x, w, stride, padding, "shift"),
+                               en._depthwise(x, w, stride, padding, "conv"), rtol=1e-5, atol=1e-5)
+    loss = lambda impl: lambda x, w: jnp.sum(jnp.sin(en._depthwise(x, w, stride, padding, impl)))
+    g_shift = jax.grad(loss("shift"), argnums=(0, 1))(x, w)
+    g_conv = jax.grad(loss("conv"), argnums=(0, 1))(x, w)
+    assert _relative_error(g_shift, g_conv) < 1e-5
+
+
 def test_efficientnet_remat_and_bfloat16_agree_with_float32():
     cfg = dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0)
     params, state = en.init(jax.random.key(0), cfg)
