@@ -65,8 +65,9 @@ RECIPES = {
     "L2": Recipe(),
     # Sec. 6.1: "We reduce the training steps to 1M in ablation"; the ablation models are B1-B7.
     **{s: Recipe(steps=1_000_000) for s in ("B1", "B3", "B5", "B7")},
-    # Made up: learns image-text retrieval on the synthetic data on a 2-core CPU in a few minutes.
-    "tiny": Recipe(batch_size=64, steps=600, lr=3e-3, warmup_steps=50, image_size=64, dtype="float32",
+    # Made up for CPUs: 400 steps run in 4m45s on a 2-core CPU, and the batch loss falls from 8.32 to 6.67,
+    # but held-out retrieval is still at chance (README, "Training"): this recipe is not finished.
+    "tiny": Recipe(batch_size=64, steps=400, lr=3e-3, warmup_steps=50, image_size=64, dtype="float32",
                    log_every=20, ckpt_every=200, eval_every=0),
 }
 # Sec. 5.1: fine-tuning for retrieval, batch 2048, learning rate 1e-5, 3k (Flickr30K) / 6k (MSCOCO) steps.
