@@ -337,18 +337,11 @@ def save(path, params, state, cfg: Config, vocab_path=None):
     flat.update({f"state/{k}": v for k, v in weights.tree_to_flat(state).items()})
     weights.write_safetensors(os.path.join(path, "model.safetensors"), flat)
     if vocab_path and os.path.abspath(vocab_path) != os.path.abspath(os.path.join(path, "vocab.txt")):
-        with open(vocab_path, "rb") as f:
-            _atomic_write(os.path.join(path, "vocab.txt"), f.read())
-    _atomic_write(os.path.join(path, "align_config.json"), json.dumps(config_to_dict(cfg), indent=1).encode())
-
-
-def _atomic_write(path, data: bytes):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        with open(vocab_path, "rb") as src:
+            vocab = src.read()
+        weights.atomic_write(os.path.join(path, "vocab.txt"), lambda f: f.write(vocab))
+    config = json.dumps(config_to_dict(cfg), indent=1).encode()
+    weights.atomic_write(os.path.join(path, "align_config.json"), lambda f: f.write(config))
 
 
 def model_dir(path):

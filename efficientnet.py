@@ -412,18 +412,17 @@ def to_hf_state_dict(params, state, cfg: Config, prefix=""):
     """The inverse of `from_hf_state_dict`: HF names and torch layouts, as numpy arrays."""
     sd = {}
     for path, name, kind in _hf_layout(cfg):
-        p = np.asarray(_lookup(params, path), np.float32) if kind != "bn" and kind != "dense" else None
-        if kind == "conv":
-            sd[name + ".weight"] = p.transpose(3, 2, 0, 1)
+        p = _lookup(params, path)
+        if kind == "conv":    # HWIO -> torch [D, C/groups, K, K]
+            sd[name + ".weight"] = np.asarray(p, np.float32).transpose(3, 2, 0, 1)
         elif kind == "1x1":
-            sd[name + ".weight"] = p.T[:, :, None, None]
+            sd[name + ".weight"] = np.asarray(p, np.float32).T[:, :, None, None]
         elif kind == "dense":
-            d = _lookup(params, path)
-            sd[name + ".weight"] = np.asarray(d["kernel"]).T[:, :, None, None]
-            sd[name + ".bias"] = np.asarray(d["bias"])
+            sd[name + ".weight"] = np.asarray(p["kernel"]).T[:, :, None, None]
+            sd[name + ".bias"] = np.asarray(p["bias"])
         else:
-            bn_p, bn_s = _lookup(params, path), _lookup(state, path)
-            sd[name + ".weight"], sd[name + ".bias"] = np.asarray(bn_p["scale"]), np.asarray(bn_p["bias"])
+            bn_s = _lookup(state, path)
+            sd[name + ".weight"], sd[name + ".bias"] = np.asarray(p["scale"]), np.asarray(p["bias"])
             sd[name + ".running_mean"], sd[name + ".running_var"] = np.asarray(bn_s["mean"]), np.asarray(bn_s["var"])
             sd[name + ".num_batches_tracked"] = np.zeros((), np.int64)
     return {prefix + k: v for k, v in sd.items()}

@@ -23,7 +23,6 @@ Deviations from the paper's recipe:
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -93,7 +92,7 @@ def parse_args(argv=None):
     ap.add_argument("--finetune", choices=list(FINETUNE), help="Sec. 5.1 retrieval fine-tuning recipe")
     for field in dataclasses.fields(Recipe):
         ap.add_argument("--" + field.name.replace("_", "-"), type=field.type if field.type != "str" else str,
-                        help=f"default: the size's recipe")
+                        help="default: the size's recipe")
     ap.add_argument("--data", default="synthetic", help="tar shards (brace/glob/list), a TSV/CSV, or synthetic")
     ap.add_argument("--eval-data", help="held-out data for retrieval (default: synthetic's held-out split)")
     ap.add_argument("--vocab", help="WordPiece vocab.txt (default: the synthetic data's vocabulary)")
@@ -259,7 +258,7 @@ def load_checkpoint(path, cfg, optimizer):
 # Evaluation
 
 
-def heldout_retrieval(params, state, cfg, tokenizer, eval_data, image_size, mesh, batch=64):
+def heldout_retrieval(params, state, cfg, tokenizer, eval_data, image_size, batch=64):
     """R@1/5/10 in both directions on held-out pairs (one caption per image)."""
     import evaluate  # only here: train.py does not need evaluation's dependencies otherwise
     embed_img = jax.jit(align.embed_images, static_argnames="cfg")
@@ -383,7 +382,7 @@ def train(args):
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
         if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and p_id == 0:
-            r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size, mesh)
+            r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
             bar.write(f"step {step + 1}: held-out retrieval ({n} pairs) i2t R@1 {r['i2t']['R@1']:.1f}  t2i R@1 {r['t2i']['R@1']:.1f}")
         if args.stop_after == step + 1:
             stop["signal"] = "--stop-after"
@@ -399,7 +398,7 @@ def train(args):
     loader.close()
     if p_id == 0 and not args.skip_final_eval:
         t0 = time.perf_counter()
-        r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size, mesh)
+        r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
         print(f"held-out retrieval on {n} pairs ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
         print(f"  image->text R@1 {r['i2t']['R@1']:.1f}  R@5 {r['i2t']['R@5']:.1f}  R@10 {r['i2t']['R@10']:.1f}")
         print(f"  text->image R@1 {r['t2i']['R@1']:.1f}  R@5 {r['t2i']['R@5']:.1f}  R@10 {r['t2i']['R@10']:.1f}")

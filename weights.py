@@ -54,12 +54,20 @@ def write_safetensors(path, tensors, metadata=None):
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    def write(f):
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for a in arrays:
             f.write(a.tobytes())
+
+    atomic_write(path, write)
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file, then rename it to `path`: a reader sees the whole file or none."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
