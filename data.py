@@ -341,6 +341,23 @@ def synthetic_example(seed: int, index: int, resize: int, split: int = 0) -> tup
     return np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8), caption
 
 
+def write_synthetic(out: str, count: int, split: int = 1, size: int = RESIZE, seed: int = 0) -> str:
+    """Writes samples 0..count-1 of a split as OUT/000000.png ... and OUT/pairs.tsv (path<TAB>caption).
+
+    The same pairs the loader draws (`synthetic:N` evaluation uses split 1): a folder to look at, to
+    index with `evaluate.py search`, or to read back as a TSV source.
+    """
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for i in range(count):
+        pixels, caption = synthetic_example(seed, i, size, split)
+        Image.fromarray(pixels).save(os.path.join(out, f'{i:06d}.png'))
+        rows.append(f'{i:06d}.png\t{caption}\n')
+    with open(os.path.join(out, 'pairs.tsv'), 'w', encoding='utf-8') as f:
+        f.writelines(rows)
+    return out
+
+
 def synthetic_vocab(path: str | None = None) -> str:
     """Writes the vocab.txt that covers every synthetic caption (and any ASCII text) and returns its path.
 
@@ -1074,6 +1091,11 @@ def main(argv=None):
     p.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--images', type=int, default=2048)
     p.add_argument('--image-size', type=int, default=CROP)
+    p = sub.add_parser('synthetic', help='write synthetic pairs as PNG files and a pairs.tsv, to look at or search')
+    p.add_argument('--out', required=True)
+    p.add_argument('--count', type=int, default=200)
+    p.add_argument('--split', choices=('train', 'eval'), default='eval', help='eval: the held-out pairs')
+    p.add_argument('--size', type=int, default=RESIZE, help='side of the written images')
     args = parser.parse_args(argv)
     if args.command == 'vocab':
         captions = (r.caption.decode('utf-8', 'replace') for r in read_samples(args.data, args.limit, images=False)
@@ -1089,6 +1111,9 @@ def main(argv=None):
                               max_words=args.max_words, top_ngrams=args.top_ngrams, table_size=args.table_size,
                               shard_size=args.shard_size, limit=args.limit)
         print_report(report)
+    elif args.command == 'synthetic':
+        write_synthetic(args.out, args.count, split=1 if args.split == 'eval' else 0, size=args.size)
+        print(f'{args.count} {args.split} pairs -> {args.out}/*.png and {args.out}/pairs.tsv')
     else:
         bench(tuple(args.workers), args.images, args.image_size)
 

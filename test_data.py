@@ -257,6 +257,17 @@ def test_synthetic_eval_is_finite_padded_and_held_out(tok):
     assert sorted(keys) == sorted(f'synthetic:{i}' for i in range(10))
 
 
+def test_written_synthetic_folder_is_the_eval_split(tok, tmp_path):
+    """`data.py synthetic` writes the held-out pairs; read back as a TSV they are the `synthetic:N` batch."""
+    assert data.main(['synthetic', '--out', str(tmp_path), '--count', '4', '--size', str(data.resize_for(32))]) is None
+    assert sorted(os.listdir(tmp_path)) == ['000000.png', '000001.png', '000002.png', '000003.png', 'pairs.tsv']
+    want = next(data.make_loader('synthetic:4', tokenizer=tok, global_batch=4, image_size=32, train=False))
+    got = next(data.make_loader(str(tmp_path / 'pairs.tsv'), tokenizer=tok, global_batch=4, image_size=32,
+                                train=False))
+    np.testing.assert_array_equal(got['ids'], want['ids'])
+    np.testing.assert_allclose(got['pixels'], want['pixels'], atol=1e-6)  # PNG is lossless
+
+
 # ---------------------------------------------------------------- preprocessing (Sec. 5)
 
 
