@@ -352,14 +352,16 @@ def model_dir(path):
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model or run directory")
-    if any(os.path.exists(os.path.join(path, f)) for f in ("align_config.json", "config.json")):
+    if os.path.exists(os.path.join(path, "align_config.json")):
         return path
     ckpts = sorted(d for d in os.listdir(path) if d.startswith("ckpt_")
                    and os.path.exists(os.path.join(path, d, "align_config.json")))
-    if not ckpts:
+    if ckpts:  # a run directory: its config.json is train.py's resolved config, not an HF model's
+        return os.path.join(path, ckpts[-1])
+    if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: neither a model directory (align_config.json or HF config.json) nor a "
                                 "training run with ckpt_* checkpoints")
-    return os.path.join(path, ckpts[-1])
+    return path
 
 
 def load(path):

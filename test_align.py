@@ -534,3 +534,20 @@ def test_align_save_load_round_trip(tmp_path):
     (tmp_path / "m" / "align_config.json").write_text(__import__("json").dumps(align.config_to_dict(other)))
     with pytest.raises(ValueError, match="another size"):
         align.load(str(tmp_path / "m"))
+
+
+def test_model_dir_resolves_model_run_and_hf_directories(tmp_path):
+    """A training run's --out holds train.py's config.json beside its ckpt_* model directories: the newest
+    checkpoint is the model, not the run directory (which an HF config.json alone would name)."""
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    for d in ("ckpt_000000200", "ckpt_000000400", ".tmp_ckpt_000000600"):
+        (run / d).mkdir(parents=True)
+        (run / d / "align_config.json").write_text("{}")
+    (run / "config.json").write_text("{}")
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    assert align.model_dir(str(run)) == str(run / "ckpt_000000400")
+    assert align.model_dir(str(run / "ckpt_000000200")) == str(run / "ckpt_000000200")
+    assert align.model_dir(str(hf)) == str(hf)
+    with pytest.raises(FileNotFoundError, match="neither a model directory"):
+        align.model_dir(str(tmp_path))
