@@ -1,95 +1,534 @@
-"""Benchmarks: measured, printed, and written as JSON. Nothing here is a test; nothing is asserted.
+"""Benchmarks: measured, printed as a table and written as JSON. Nothing here is a test; nothing is asserted.
 
-    python bench.py towers --image-tower L2 --text-tower Large --image-size 289 --batch 1
+    python bench.py step --size B7 --batch 2 --dtype float32    # the whole training step
+    python bench.py versus-torch --size B7 --batch 2            # our towers against HF's PyTorch ones
+    python bench.py data                                        # the input pipeline on 500x375 JPEG shards
+    python bench.py retrieval --n 1000 10000                    # blocked Recall@K, N images x 5N captions
+    python bench.py towers --size L2 --batch 1                  # both towers' forward + backward alone
 
-`towers`: compile time and steady-state time of both towers' forward + backward (training mode:
-BatchNorm batch statistics, stochastic depth), the part of ALIGN's step that grows with model size.
+`step`: train.py's jitted data-parallel step (both towers, the global-batch loss, the gradient pmean, LAMB)
+  on one `data` mesh over every device: compile time, the median of synchronised steps after warm-up,
+  images/s and MFU. The split times, in the same rounds as the step, each part alone on the step's own
+  buffers: the image tower and the text tower forward + backward (per device, no collective), the loss
+  (all-gather, logits, softmax, forward + backward) on precomputed embeddings, and the LAMB update;
+  "other" is the step minus those four (the gradient and BatchNorm pmeans, the non-finite guard, and
+  whatever the fused step gains or loses).
+`versus-torch`: the same towers built in HF `transformers` (AlignVisionModel, BertModel) with the same
+  config, batch and dtype, eager and torch.compile'd, channels_last, forward + backward, in alternating
+  rounds in this process. PyTorch is a benchmark-only dependency; no module of the project imports it.
+`data`: data.make_loader's training pipeline (tar read, JPEG decode, resize, crop, flip, tokenize).
+`retrieval`: evaluate.retrieval_recalls (both directions, blocked) with its peak memory.
+`towers`: compile and step time of both towers' forward + backward, without loss or optimizer.
+
+FLOPs are XLA's cost analysis of the computation traced with every `lax.scan` unrolled: on the compiled
+step XLA counts a scan body once (the test shows it), which would undercount our scanned blocks and
+layers by their number. They are per device, counted without remat, elementwise ops included.
 """
 
 import argparse
 import dataclasses
 import json
+import multiprocessing
+import os
 import platform
 import statistics
+import tarfile
+import tempfile
 import time
+import tracemalloc
 
 import jax
+import jax.extend
 import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+import align
 import bert
+import data
 import efficientnet as en
+import evaluate
+import train
+
+# Dense bfloat16 peak TFLOP/s per JAX device (vendor datasheets, without sparsity). A TPU v3 device is one
+# core (half a chip); v4 and v5p devices are whole (megacore) chips. Checked in order: the first substring
+# of the device kind that matches wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+               ("TPU v3", 61.5), ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+               ("TPU v5", 459.0), ("TPU v6 lite", 918.0))
+
+
+def peak_tflops(device_kind, override=None):
+    """The device's peak for MFU: --peak-tflops if given, else the table; None (MFU n/a) on CPUs."""
+    if override:
+        return override
+    return next((tf for name, tf in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
+
+
+def machine():
+    d = jax.devices()[0]
+    return {"device": d.device_kind, "devices": jax.device_count(), "platform": d.platform,
+            "cpu": f"{platform.machine()}, {os.cpu_count()} cores", "load_avg_1min": round(os.getloadavg()[0], 2),
+            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def model_flops(fn, *args):
+    """XLA's FLOP count of fn(*args) with every scan unrolled (jax.disable_jit makes scan a Python loop)."""
+    avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+    with jax.disable_jit():
+        closed = jax.make_jaxpr(fn)(*avals)
+    lowered = jax.jit(jax.extend.core.jaxpr_as_fun(closed)).lower(*jax.tree.leaves(avals))
+    return lowered.cost_analysis()["flops"]
+
+
+def print_table(rows, columns):
+    """columns: (header, key, format) triples; a missing or None value prints as n/a."""
+    cell = lambda r, k, f: "n/a" if r.get(k) is None else (f.format(r[k]) if f else str(r[k]))
+    table = [[h for h, _, _ in columns]] + [[cell(r, k, f) for _, k, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), flush=True)
+
+
+def configs(args):
+    """(align.Config, train.Recipe) as train.py resolves --size and its overrides."""
+    argv = ["--size", args.size]
+    if args.dtype is None and jax.default_backend() == "cpu":
+        args.dtype = "float32"  # the recipes' bfloat16 is for accelerators; CPUs emulate it slowly
+    for flag in ("image_tower", "text_tower", "dtype", "image_size"):
+        if getattr(args, flag) is not None:
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    cfg, recipe = train.resolve(train.parse_args(argv + ["--remat"] * args.remat))
+    # tiny trains on the synthetic data's vocabulary (train.py); the paper's sizes on 100k words (Sec. 4.1).
+    vocab = args.vocab_size or (len(data.Tokenizer(data.synthetic_vocab()).vocab) if args.size == "tiny" else 100_000)
+    return dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, depthwise=args.depthwise),
+                               text=dataclasses.replace(cfg.text, vocab_size=vocab)), recipe
+
+
+def describe(cfg, recipe):
+    return f"EfficientNet-{cfg.image.name} + BERT-{cfg.text.name}, {recipe.image_size}x{recipe.image_size}, {cfg.image.dtype}"
+
+
+def fake_batch(key, batch, image_size, text_cfg):
+    """Pixels in [-1, 1] and full-length captions: padding is masked, not skipped, so length 64 costs the same."""
+    k1, k2 = jax.random.split(key)
+    return (jax.random.uniform(k1, (batch, image_size, image_size, 3), minval=-1, maxval=1),
+            jax.random.randint(k2, (batch, text_cfg.max_len), 1, text_cfg.vocab_size), jnp.ones((batch, text_cfg.max_len), jnp.int32))
+
+
+def timed_rounds(fns, warmup, steps):
+    """Median seconds of each fn() (which returns arrays), run in alternating rounds so load drift hits all alike."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, times
+
+
+# ----------------------------------------------------------------------------------------------------
+# step: the whole training step, and its parts
+
+
+def step_parts(cfg, recipe, optimizer, mesh):
+    """Each part of the step alone, jitted over the mesh, without collectives except the loss's all-gather."""
+    # check_vma=False: the gradients of replicated parameters stay per device (with it, JAX would psum them).
+    per_device = lambda f, in_specs: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=P(), check_vma=False))
+
+    def image(p, state, pixels, rng):
+        def f(p):
+            f_BE, new_state = align.image_features(p, state, pixels, cfg, train=True, rng=rng)
+            return jnp.mean(f_BE ** 2), new_state
+        return jax.value_and_grad(f, has_aux=True)(p)
+
+    def text(p, ids, mask):
+        return jax.value_and_grad(lambda p: jnp.mean(align.text_features(p, ids, mask, cfg) ** 2))(p)
+
+    def loss(raw, img_BE, txt_BE):  # as align.train_loss after the towers
+        return align.loss_and_metrics(align._l2_normalise(img_BE), align._l2_normalise(txt_BE),
+                                      align.temperature({"temperature": raw}, cfg), recipe.label_smoothing, "data",
+                                      img_norm_B=jnp.linalg.norm(img_BE, axis=-1), txt_norm_B=jnp.linalg.norm(txt_BE, axis=-1))[0]
+
+    def update(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    d = P("data")
+    return {"image": (image, per_device(image, (P(), P(), d, P()))),
+            "text": (text, per_device(text, (P(), d, d))),
+            "loss": (loss, jax.jit(jax.shard_map(jax.value_and_grad(loss, argnums=(0, 1, 2)), mesh=mesh,
+                                                 in_specs=(P(), d, d), out_specs=(P(), (P(), d, d))))),
+            "update": (update, jax.jit(update, donate_argnums=(0, 1)))}
+
+
+def one_step(args, cfg, recipe, model, batch):
+    """One row of `step`: a per-device batch. The step donates the model's buffers: `live` holds the latest."""
+    mesh, optimizer, live = model["mesh"], model["optimizer"], model["live"]
+    n_dev, shard = mesh.size, NamedSharding(mesh, P("data"))
+    params, state, opt_state = live["params"], live["state"], live["opt"]
+    pixels, ids, mask = jax.device_put(fake_batch(jax.random.key(1), batch * n_dev, recipe.image_size, cfg.text), shard)
+    t0 = time.perf_counter()
+    lowered = train.make_step(cfg, recipe, optimizer, mesh, bn_across=False).lower(
+        params, state, opt_state, pixels, ids, mask, jax.random.key(2))
+    trace_s = time.perf_counter() - t0
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0 - trace_s
+    print(f"  traced in {trace_s:.1f} s, compiled in {compile_s:.1f} s", flush=True)
+
+    # Per-device model FLOPs: the same loss, gradient and update on one device's batch, without remat.
+    plain = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, remat=False),
+                                text=dataclasses.replace(cfg.text, remat=False))
+
+    def flops_step(params, state, opt_state, pixels, ids, mask, rng):
+        grads, (_, new_state) = jax.grad(align.train_loss, has_aux=True)(
+            params, state, pixels, ids, mask, plain, rng, label_smoothing=recipe.label_smoothing)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, opt_state
+
+    take = lambda prefix: {k: v for k, v in live["params"].items() if k.startswith(prefix)}
+    local, rng = (pixels[:batch], ids[:batch], mask[:batch]), jax.random.key(0)
+    t0 = time.perf_counter()
+    unrolled = step_parts(plain, recipe, optimizer, mesh)
+    flops = {"step": model_flops(flops_step, params, state, opt_state, *local, rng),
+             "image": model_flops(unrolled["image"][0], take("image"), state, local[0], rng),
+             "text": model_flops(unrolled["text"][0], take("text"), *local[1:])}
+    print(f"  counted FLOPs in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    def run_step():
+        live["i"] += 1
+        live["params"], live["state"], live["opt"], metrics = compiled(
+            live["params"], live["state"], live["opt"], pixels, ids, mask, jax.random.key(live["i"]))
+        return live["params"], metrics
+
+    def run_update():
+        live["params"], live["opt"] = parts["update"][1](live["params"], live["opt"], grads)
+        return live["params"]
+
+    parts = step_parts(cfg, recipe, optimizer, mesh)
+    grads = jax.device_put(jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params), NamedSharding(mesh, P()))
+    img_emb, txt_emb = (jax.device_put(jax.random.normal(k, (batch * n_dev, cfg.embed_dim)), shard)
+                        for k in jax.random.split(jax.random.key(3)))
+    fns = {"step": run_step,
+           "image": lambda: parts["image"][1](take("image"), live["state"], pixels, rng),
+           "text": lambda: parts["text"][1](take("text"), ids, mask),
+           "loss": lambda: parts["loss"][1](live["params"]["temperature"], img_emb, txt_emb),
+           "update": run_update}
+    med, times = timed_rounds({"step": run_step} if args.no_split else fns, args.warmup, args.steps)
+    s, peak = med["step"], peak_tflops(jax.devices()[0].device_kind, args.peak_tflops)
+    mem = compiled.memory_analysis()
+    row = {"batch": batch, "global_batch": batch * n_dev, "trace_s": trace_s, "compile_s": compile_s,
+           "step_ms": 1e3 * s, "images_per_s": batch * n_dev / s, "gflops_per_device": flops["step"] / 1e9,
+           "tflops_per_s": flops["step"] / s / 1e12, "peak_tflops": peak,
+           "mfu": flops["step"] / s / (peak * 1e12) if peak else None,
+           "xla_memory_gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                              - mem.alias_size_in_bytes) / 2**30 if mem else None,
+           "step_ms_all": [1e3 * t for t in times["step"]]}
+    device_stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in device_stats:
+        row["device_peak_gib"] = device_stats["peak_bytes_in_use"] / 2**30
+    if not args.no_split:
+        med["other"] = s - sum(med[k] for k in ("image", "text", "loss", "update"))
+        row.update({f"{k}_ms": 1e3 * med[k] for k in ("image", "text", "loss", "update", "other")})
+        row.update({f"{k}_pct": 100 * med[k] / s for k in ("image", "text", "loss", "update", "other")})
+        row.update({f"{k}_tflops_per_s": flops[k] / med[k] / 1e12 for k in ("image", "text")})
+    return row
+
+
+def step(args):
+    cfg, recipe = configs(args)
+    print(f"step: {describe(cfg, recipe)}, remat {args.remat}, depthwise {args.depthwise}, "
+          f"vocab {cfg.text.vocab_size}, {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    rep = NamedSharding(mesh, P())
+    t0 = time.perf_counter()
+    params, state = jax.device_put(jax.jit(align.init, static_argnums=1)(jax.random.key(0), cfg), rep)
+    optimizer, _ = train.make_optimizer(recipe, params)
+    model = {"mesh": mesh, "optimizer": optimizer,
+             "live": {"params": params, "state": state, "opt": jax.device_put(optimizer.init(params), rep), "i": 0}}
+    jax.block_until_ready(model["live"]["opt"])
+    init_s = time.perf_counter() - t0
+    print(f"  initialised in {init_s:.1f} s", flush=True)
+    rows = []
+    for b in args.batch:
+        print(f"per-device batch {b}:", flush=True)
+        try:
+            rows.append(one_step(args, cfg, recipe, model, b))
+        except Exception as e:  # the largest batch that fits is found by trying
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            rows.append({"batch": b, "error": "out of memory"})
+            print(f"  out of memory at per-device batch {b}", flush=True)
+            break
+    print_table(rows, [("batch/dev", "batch", None), ("compile s", "compile_s", "{:.1f}"), ("step ms", "step_ms", "{:.0f}"),
+                       ("images/s", "images_per_s", "{:.1f}"), ("GFLOP/dev", "gflops_per_device", "{:.1f}"),
+                       ("TFLOP/s", "tflops_per_s", "{:.3f}"), ("MFU", "mfu", "{:.1%}"),
+                       ("image %", "image_pct", "{:.0f}"), ("text %", "text_pct", "{:.0f}"),
+                       ("loss %", "loss_pct", "{:.2f}"), ("update %", "update_pct", "{:.0f}"),
+                       ("other %", "other_pct", "{:.0f}"), ("XLA mem GiB", "xla_memory_gib", "{:.1f}")])
+    return {"measure": "step", "model": describe(cfg, recipe), "size": args.size, "image_tower": cfg.image.name,
+            "text_tower": cfg.text.name, "image_size": recipe.image_size, "dtype": cfg.image.dtype, "remat": args.remat,
+            "depthwise": args.depthwise, "vocab_size": cfg.text.vocab_size, "init_s": init_s, **machine(), "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------------
+# towers and versus-torch: both towers' forward + backward, no loss, no optimizer
+
+
+def jax_towers(cfg, which="both"):
+    """Jitted forward + backward of the towers in training mode, on a stand-in loss of their outputs."""
+    def loss(p, bn_state, pixels, ids, mask, rng):
+        total = 0.0
+        if which != "text":
+            f_BD, bn_state = en.apply(p["image"], bn_state, pixels, cfg.image, train=True, rng=rng)
+            total += jnp.mean(f_BD ** 2)
+        if which != "image":
+            total += jnp.mean(bert.apply(p["text"], ids, mask, cfg.text)[:, 0].astype(jnp.float32) ** 2)
+        return total, bn_state
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 def towers(args):
-    img_cfg = dataclasses.replace(en.CONFIGS[args.image_tower], dtype=args.dtype, remat=args.remat)
-    txt_cfg = dataclasses.replace(bert.CONFIGS[args.text_tower], dtype=args.dtype, remat=args.remat,
-                                  vocab_size=args.vocab_size)
-    B, S, L = args.batch, args.image_size, txt_cfg.max_len
-
+    cfg, recipe = configs(args)
+    B, S = args.batch, recipe.image_size
     t0 = time.perf_counter()
-    params = {"image": jax.jit(en.init, static_argnums=1)(jax.random.key(0), img_cfg),
-              "text": jax.jit(bert.init, static_argnums=1)(jax.random.key(1), txt_cfg)}
-    (img_params, bn_state), txt_params = params["image"], params["text"]
-    jax.block_until_ready(txt_params)
+    p, bn_state = jax.jit(align.init, static_argnums=1)(jax.random.key(0), cfg)
+    jax.block_until_ready(p)
     init_s = time.perf_counter() - t0
-    print(f"initialised {args.image_tower} + BERT-{args.text_tower} in {init_s:.1f} s", flush=True)
-
-    images = jax.random.uniform(jax.random.key(2), (B, S, S, 3), minval=-1, maxval=1)
-    ids = jax.random.randint(jax.random.key(3), (B, L), 0, txt_cfg.vocab_size)
-    mask = jnp.ones((B, L), jnp.int32)
-
-    def loss(p, bn_state, images, ids, mask, rng):
-        f_BD, bn_state = en.apply(p["image"], bn_state, images, img_cfg, train=True, rng=rng)
-        cls_BD = bert.apply(p["text"], ids, mask, txt_cfg)[:, 0].astype(jnp.float32)
-        return jnp.mean(f_BD ** 2) + jnp.mean(cls_BD ** 2), bn_state
-
-    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    p = {"image": img_params, "text": txt_params}
+    print(f"towers: {describe(cfg, recipe)}, batch {B}: initialised in {init_s:.1f} s", flush=True)
+    batch = fake_batch(jax.random.key(2), B, S, cfg.text)
     t0 = time.perf_counter()
-    lowered = step.lower(p, bn_state, images, ids, mask, jax.random.key(4))
+    lowered = jax_towers(cfg).lower(p, bn_state, *batch, jax.random.key(4))
     trace_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    print(f"traced in {trace_s:.1f} s, compiled in {compile_s:.1f} s", flush=True)
+    compile_s = time.perf_counter() - t0 - trace_s
+    print(f"  traced in {trace_s:.1f} s, compiled in {compile_s:.1f} s", flush=True)
+    rng = iter(jax.random.split(jax.random.key(5), args.warmup + args.steps))
+    med, times = timed_rounds({"towers": lambda: compiled(p, bn_state, *batch, next(rng))}, args.warmup, args.steps)
+    row = {"batch": B, "params": sum(x.size for x in jax.tree.leaves(p)), "init_s": init_s, "trace_s": trace_s,
+           "compile_s": compile_s, "fwd_bwd_s": med["towers"], "fwd_bwd_s_all": times["towers"]}
+    print_table([row], [("batch", "batch", None), ("compile s", "compile_s", "{:.1f}"), ("fwd+bwd s", "fwd_bwd_s", "{:.2f}")])
+    return {"measure": "towers", "model": describe(cfg, recipe), "remat": args.remat, "depthwise": args.depthwise,
+            **machine(), "rows": [row]}
 
-    times = []
-    for i in range(args.warmup + args.steps):
+
+def hf_towers(cfg, image_size, transformers):
+    """HF's AlignVisionModel (EfficientNet without the head conv, mean-pooled: ours) and BertModel, same shapes."""
+    i, t = cfg.image, cfg.text
+    vision = transformers.AlignVisionModel(transformers.AlignVisionConfig(
+        width_coefficient=i.width, depth_coefficient=i.depth, depth_divisor=i.divisor, image_size=image_size,
+        kernel_sizes=[s.kernel for s in i.stages], strides=[s.stride for s in i.stages],
+        expand_ratios=[s.expand for s in i.stages], in_channels=[s.in_channels for s in i.stages],
+        out_channels=[s.out_channels for s in i.stages], num_block_repeats=[s.repeats for s in i.stages],
+        squeeze_expansion_ratio=i.se_ratio, batch_norm_eps=i.bn_eps, drop_connect_rate=i.drop_connect,
+        hidden_act="swish", pooling_type="mean"))
+    text = transformers.BertModel(transformers.BertConfig(
+        vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+        intermediate_size=t.ff_width, hidden_act="gelu", max_position_embeddings=t.max_len,
+        type_vocab_size=t.type_vocab_size, layer_norm_eps=t.ln_eps, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0), add_pooling_layer=False)  # ours has no dropout, no pooler
+    return vision, text
+
+
+def versus_torch(args):
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"versus-torch skipped: {e} (pip install torch==2.13.0 transformers)")
+        return None
+    cfg, recipe = configs(args)
+    B, S = args.batch, recipe.image_size
+    bf16 = cfg.image.dtype == "bfloat16"
+    dev = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    print(f"versus-torch: {describe(cfg, recipe)}, {args.tower} tower(s), batch {B}, torch {torch.__version__} on {dev} "
+          f"({torch.get_num_threads()} threads), jax on {jax.devices()[0].device_kind}", flush=True)
+
+    p, bn_state = jax.jit(align.init, static_argnums=1)(jax.random.key(0), cfg)
+    batch = fake_batch(jax.random.key(1), B, S, cfg.text)
+    ours = jax_towers(cfg, args.tower)
+    t0 = time.perf_counter()
+    jax.block_until_ready(ours(p, bn_state, *batch, jax.random.key(2)))
+    compile_s = {"jax": time.perf_counter() - t0}
+
+    vision, text = hf_towers(cfg, S, transformers)
+    vision = vision.to(dev, memory_format=torch.channels_last).train()  # channels_last: NHWC, as ours
+    text = text.to(dev).train()
+    x = torch.from_numpy(np.array(batch[0])).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).to(dev)
+    ids, mask = (torch.from_numpy(np.array(a)).long().to(dev) for a in batch[1:])
+
+    def torch_step(v, t):
+        def run():
+            for m in (vision, text):
+                m.zero_grad(set_to_none=True)
+            loss = 0.0
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+                if args.tower != "text":
+                    loss = loss + v(pixel_values=x).pooler_output.float().pow(2).mean()
+                if args.tower != "image":
+                    loss = loss + t(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0].float().pow(2).mean()
+            loss.backward()
+            sync()
+            return loss
+        return run
+
+    fns = {"jax": lambda: ours(p, bn_state, *batch, jax.random.key(3)), "torch eager": torch_step(vision, text)}
+    failed = {}
+    if not args.no_compile:
+        compiled = torch_step(torch.compile(vision), torch.compile(text))
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(p, bn_state, images, ids, mask, jax.random.key(5 + i)))
-        print(f"step {i}: {time.perf_counter() - t0:.2f} s{' (warm-up)' if i < args.warmup else ''}", flush=True)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    n_params = sum(x.size for x in jax.tree.leaves(p))
-    return {"measure": "towers", "image_tower": args.image_tower, "text_tower": args.text_tower,
-            "image_size": S, "batch": B, "text_len": L, "dtype": args.dtype, "remat": args.remat,
-            "params": n_params, "init_s": round(init_s, 2), "trace_s": round(trace_s, 2),
-            "compile_s": round(compile_s, 2), "step_s_median": round(statistics.median(times), 3),
-            "step_s_all": [round(t, 3) for t in times], "device": str(jax.devices()[0].device_kind),
-            "devices": jax.device_count(), "machine": f"{platform.machine()}, {jax.local_device_count()} local device(s)"}
+        try:
+            compiled()
+            compile_s["torch.compile"] = time.perf_counter() - t0
+            fns["torch.compile"] = compiled
+        except Exception as e:  # e.g. no C++ compiler for inductor's CPU kernels
+            failed["torch.compile"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
+            print(f"  torch.compile {failed['torch.compile']}", flush=True)
+    med, times = timed_rounds(fns, args.warmup, args.steps)
+    rows = [{"impl": name, "first_call_s": compile_s.get(name), "fwd_bwd_ms": 1e3 * med[name],
+             "images_per_s": B / med[name], "torch_over_jax": med[name] / med["jax"],
+             "all_ms": [1e3 * t for t in times[name]]} for name in fns]
+    rows += [{"impl": name, "note": why} for name, why in failed.items()]
+    print_table(rows, [("", "impl", None), ("first call s", "first_call_s", "{:.1f}"), ("fwd+bwd ms", "fwd_bwd_ms", "{:.0f}"),
+                       ("images/s", "images_per_s", "{:.1f}"), ("time / jax's", "torch_over_jax", "{:.2f}")]
+                + [("", "note", None)] * bool(failed))
+    return {"measure": "versus-torch", "model": describe(cfg, recipe), "tower": args.tower, "batch": B, "depthwise": args.depthwise,
+            "torch": torch.__version__, "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_device": dev, **machine(), "rows": rows}
 
 
-def main():
+# ----------------------------------------------------------------------------------------------------
+# data and retrieval
+
+
+def data_pipeline(args):
+    rng = np.random.default_rng(0)
+    tokenizer = data.Tokenizer(data.synthetic_vocab())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = []
+        for s in range(args.shards):  # webdataset layout: KEY.jpg + KEY.txt per pair; data.py bench's images
+            with tarfile.open(os.path.join(tmp, f"{s:05d}.tar"), "w") as tar:
+                for i in range(args.images // args.shards):
+                    sizes.append(len(jpeg := data._photo_like_jpeg(rng)))
+                    data._add_member(tar, f"{s:05d}{i:06d}.jpg", jpeg)
+                    data._add_member(tar, f"{s:05d}{i:06d}.txt", b"a photo of two small red circles on the left")
+        print(f"data: {args.shards} shards of {args.images // args.shards} 500x375 JPEGs ({np.mean(sizes) / 1e3:.0f} KB) "
+              f"-> {args.image_size}x{args.image_size}, batch {args.batch}, {os.cpu_count()} cores, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+        pattern = os.path.join(tmp, "{00000.." + f"{args.shards - 1:05d}" + "}.tar")
+        for w in args.workers:
+            with data.make_loader(pattern, tokenizer=tokenizer, global_batch=args.batch, image_size=args.image_size,
+                                  workers=w) as loader:
+                next(loader)  # starts the workers
+                pids = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
+                t0, cpu0 = time.perf_counter(), data._cpu_seconds(pids)
+                for _ in range(args.batches):
+                    next(loader)
+                wall, cpu = time.perf_counter() - t0, data._cpu_seconds(pids) - cpu0
+            n = args.batches * args.batch
+            rows.append({"workers": w, "images": n, "images_per_s_total": n / wall, "images_per_s_per_core": n / cpu,
+                         "cores_busy": cpu / wall})
+    print_table(rows, [("workers", "workers", None), ("images/s total", "images_per_s_total", "{:.0f}"),
+                       ("images/s per core", "images_per_s_per_core", "{:.0f}"), ("cores busy", "cores_busy", "{:.1f}")])
+    return {"measure": "data", "jpeg_kb": float(np.mean(sizes)) / 1e3, "image_size": args.image_size,
+            "batch": args.batch, **machine(), "rows": rows}
+
+
+def retrieval(args):
+    rows = []
+    for n in args.n:
+        rng = np.random.default_rng(0)
+        img = rng.standard_normal((n, args.dim), dtype=np.float32)
+        txt = np.repeat(img, 5, axis=0) + 2 * rng.standard_normal((5 * n, args.dim), dtype=np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        tracemalloc.start()  # numpy reports its buffers to tracemalloc: this is the peak above the inputs
+        t0 = time.perf_counter()
+        r = evaluate.retrieval_recalls(img, txt, np.repeat(np.arange(n), 5), block=args.block)
+        seconds = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        # Two directions, each two passes over all N x 5N similarities (evaluate.positive_rank_stats).
+        rows.append({"images": n, "captions": 5 * n, "seconds": seconds, "mpairs_per_s": 5 * n * n / seconds / 1e6,
+                     "gflops_per_s": 4 * 2 * args.dim * 5 * n * n / seconds / 1e9, "peak_mib": peak / 2**20,
+                     "inputs_mib": (img.nbytes + txt.nbytes) / 2**20, "dense_matrix_mib": 5 * n * n * 4 / 2**20,
+                     "i2t_R@1": r["i2t"]["R@1"], "t2i_R@1": r["t2i"]["R@1"]})
+        print(f"  N={n}: {seconds:.1f} s", flush=True)
+    print_table(rows, [("images", "images", None), ("captions", "captions", None), ("seconds", "seconds", "{:.2f}"),
+                       ("M pairs/s", "mpairs_per_s", "{:.1f}"), ("GFLOP/s", "gflops_per_s", "{:.0f}"),
+                       ("peak MiB", "peak_mib", "{:.0f}"), ("inputs MiB", "inputs_mib", "{:.0f}"),
+                       ("N x 5N float32 MiB", "dense_matrix_mib", "{:.0f}")])
+    return {"measure": "retrieval", "dim": args.dim, "block": args.block, **machine(), "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="measure", required=True)
-    t = sub.add_parser("towers", help="compile and step time of both towers' forward + backward")
-    t.add_argument("--image-tower", default="L2", choices=list(en.CONFIGS))
-    t.add_argument("--text-tower", default="Large", choices=list(bert.CONFIGS))
-    t.add_argument("--image-size", type=int, default=289, help="ALIGN Sec. 5: 289x289 for every variant")
-    t.add_argument("--batch", type=int, default=1)
-    t.add_argument("--vocab-size", type=int, default=100_000)
-    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    t.add_argument("--remat", action="store_true")
-    t.add_argument("--warmup", type=int, default=1)
-    t.add_argument("--steps", type=int, default=3)
-    t.add_argument("--json", default=None, help="also write the result to this file")
-    args = ap.parse_args()
-    result = towers(args)
-    for k, v in result.items():
-        print(f"{k:>15}: {v}")
-    if args.json:
+
+    def command(name, fn, help):
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(fn=fn)
+        p.add_argument("--json", help="also write the result to this file")
+        return p
+
+    def model_flags(p, batch, several, size="tiny"):
+        p.add_argument("--size", default=size, choices=list(align.SIZES))
+        p.add_argument("--image-tower", choices=list(en.CONFIGS), help="override the size's")
+        p.add_argument("--text-tower", choices=list(bert.CONFIGS), help="override the size's")
+        p.add_argument("--batch", type=int, nargs="+" if several else None, default=[batch] if several else batch,
+                       help="per device" + "; several: one row each, up to the first that runs out of memory" * several)
+        p.add_argument("--image-size", type=int, help="default: the size's recipe (289; tiny 64)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the size's recipe (float32 on CPU)")
+        p.add_argument("--remat", action="store_true")
+        p.add_argument("--depthwise", default="auto", choices=["auto", "conv", "shift"],
+                       help="efficientnet.Config.depthwise: auto is shift on CPU, conv elsewhere")
+        p.add_argument("--vocab-size", type=int, help="default: 100000 (Sec. 4.1); tiny: the synthetic vocabulary")
+        p.add_argument("--warmup", type=int, default=2)
+        p.add_argument("--steps", type=int, default=10, help="timed rounds; the median is reported")
+
+    p = command("step", step, "the whole training step: compile, step time, images/s, MFU, split")
+    model_flags(p, 16, True)
+    p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: detected; none on CPU)")
+    p.add_argument("--no-split", action="store_true", help="time the whole step only")
+
+    p = command("versus-torch", versus_torch, "our towers against HF transformers' in PyTorch, forward + backward")
+    model_flags(p, 2, False)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--tower", default="both", choices=["both", "image", "text"])
+
+    p = command("data", data_pipeline, "input pipeline images/s on 500x375 JPEG shards")
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--images", type=int, default=512, help="distinct JPEGs written, spread over the shards")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batches", type=int, default=24, help="timed batches per setting (the stream cycles)")
+    p.add_argument("--image-size", type=int, default=289)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, os.cpu_count() or 1])
+
+    p = command("retrieval", retrieval, "blocked Recall@K over N images x 5N captions, with peak memory")
+    p.add_argument("--n", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--dim", type=int, default=640, help="embedding width (B7's 640)")
+    p.add_argument("--block", type=int, default=4096)
+
+    p = command("towers", towers, "compile and step time of both towers' forward + backward, nothing else")
+    model_flags(p, 1, False, size="L2")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    result = args.fn(args)
+    if result and args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":
