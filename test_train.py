@@ -1,21 +1,33 @@
-"""Tests of train.py: one-line errors, exact resume, checkpoints that survive a kill, skipped NaN steps.
+"""Tests of train.py: one-line errors, exact resume after a kill mid-checkpoint, SIGTERM, skipped NaN
+steps, two processes training as one, the memory report.
 
 Runs use the tiny model at 32x32 pixels with a few steps, in-process (8 simulated CPU devices from
-conftest.py) or as subprocesses where a signal is needed.
+conftest.py) or as subprocesses where a signal, a kill or several processes are needed.
 """
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
+import align
+import data
 import train
 import weights
 
-TINY = ["--size", "tiny", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--log-every", "1"]
+# Compiling the step is most of a test's time (about a minute on a 2-core CPU). A warm-up longer than
+# any test's run keeps the learning-rate schedule's constants, and so the compiled step, the same for
+# every --steps below: it compiles once per session (JAX's compilation cache, conftest.py), in-process
+# and in the 8-device subprocesses alike.
+TINY = ["--size", "tiny", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--log-every", "1",
+        "--warmup-steps", "100"]
+HERE = os.path.dirname(os.path.abspath(train.__file__))
 
 
 def _losses(out):
@@ -36,18 +48,55 @@ def test_errors_are_one_line(argv, message, tmp_path, capsys):
     assert message in err and "\n" not in err and err.startswith("error: ")
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    """6 steps straight, or 3 steps, a stop, and the same command again: same losses, same parameters."""
-    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-    common = TINY + ["--steps", "6", "--ckpt-every", "3"]
-    assert train.main(common + ["--out", straight, "--skip-final-eval"]) == 0
-    assert train.main(TINY + ["--steps", "6", "--ckpt-every", "3", "--out", resumed, "--stop-after", "3",
-                              "--skip-final-eval"]) == 0
-    assert sorted(os.listdir(resumed)) == ["ckpt_000000003", "config.json", "metrics.jsonl"]
-    assert train.main(common + ["--out", resumed, "--skip-final-eval"]) == 0
-    np.testing.assert_allclose(_losses(resumed), _losses(straight), rtol=1e-6)
-    a = weights.read_safetensors(os.path.join(straight, "ckpt_000000006", "model.safetensors"))
-    b = weights.read_safetensors(os.path.join(resumed, "ckpt_000000006", "model.safetensors"))
+def _spawn(argv, log, devices=8):
+    """train.py in a subprocess, for what needs one: a signal, a kill, several processes."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait_for(path, p, log, timeout=300):
+    """Until `path` exists and is not empty; fails with the process's output if it ends first."""
+    deadline = time.time() + timeout
+    while not (os.path.exists(path) and os.path.getsize(path) > 0):
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            raise AssertionError(f"{path} never appeared; train.py said:\n{open(log).read()[-3000:]}")
+        time.sleep(0.2)
+
+
+def _params(ckpt):
+    return weights.read_safetensors(os.path.join(ckpt, "model.safetensors"))
+
+
+
+
+def test_killed_while_checkpointing_then_resumed_equals_uninterrupted_run(tmp_path):
+    """4 steps straight; or SIGKILL half-way through writing step 4's checkpoint, and the same command
+    again: it ignores the half-written one, resumes from step 2's and gives the same losses and parameters."""
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    argv = TINY + ["--steps", "4", "--ckpt-every", "2", "--skip-final-eval"]
+    log = str(tmp_path / "killed.log")
+    # The hidden --pause-in-checkpoint hangs after the weights and optimizer state are in the temporary
+    # directory, before train_state.json and the rename: the kill lands at the same point every time.
+    p = _spawn(argv + ["--out", killed, "--pause-in-checkpoint", "4"], log)
+    try:
+        assert train.main(argv + ["--out", straight]) == 0  # meanwhile, the reference in this process
+        _wait_for(os.path.join(killed, ".tmp_ckpt_000000004", "optimizer.safetensors"), p, log)
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        p.kill()
+    assert sorted(os.listdir(killed)) == [".tmp_ckpt_000000004", "ckpt_000000002", "config.json", "metrics.jsonl"]
+    assert train.latest_checkpoint(killed) == os.path.join(killed, "ckpt_000000002")
+    assert align.load(killed)[2].name == "tiny"  # the run directory resolves to step 2's whole checkpoint
+    os.makedirs(os.path.join(killed, ".tmp_ckpt_000000003"))  # as a killed run with another --ckpt-every leaves
+
+    assert train.main(argv + ["--out", killed]) == 0  # stale temporary directories are removed on the next save
+    assert sorted(os.listdir(killed)) == ["ckpt_000000002", "ckpt_000000004", "config.json", "metrics.jsonl"]
+    assert [json.loads(line)["step"] for line in open(os.path.join(killed, "metrics.jsonl"))] == [1, 2, 3, 4]
+    np.testing.assert_allclose(_losses(killed), _losses(straight), rtol=1e-6)
+    a, b = _params(os.path.join(killed, "ckpt_000000004")), _params(os.path.join(straight, "ckpt_000000004"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
@@ -62,27 +111,71 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert all(np.isfinite(r["loss"]) or r["finite"] == 0.0 for r in rows)
 
 
-def _run(out, *extra, steps=40):
-    cmd = [sys.executable, "train.py"] + TINY + ["--steps", str(steps), "--ckpt-every", "2", "--out", out,
-                                                 "--skip-final-eval", *extra]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.Popen(cmd, cwd=os.path.dirname(os.path.abspath(train.__file__)), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-    out = str(tmp_path)
-    p = _run(out, "--ckpt-every", "1000")
-    # wait for the first logged step, then preempt
-    import time
-    deadline = time.time() + 240
-    while time.time() < deadline and not (os.path.exists(os.path.join(out, "metrics.jsonl"))
-                                          and os.path.getsize(os.path.join(out, "metrics.jsonl")) > 0):
-        time.sleep(0.5)
-    p.terminate()
-    output, _ = p.communicate(timeout=240)
-    assert p.returncode == 0, output
+    out, log = str(tmp_path / "run"), str(tmp_path / "log")
+    p = _spawn(TINY + ["--steps", "40", "--ckpt-every", "1000", "--out", out, "--skip-final-eval"], log)
+    try:
+        _wait_for(os.path.join(out, "metrics.jsonl"), p, log)  # the first step is logged: preempt
+        p.terminate()
+        assert p.wait(timeout=240) == 0, open(log).read()[-3000:]
+    finally:
+        p.kill()
     ckpts = [d for d in os.listdir(out) if d.startswith("ckpt_")]
-    assert len(ckpts) == 1 and "checkpoint written" in output
+    assert len(ckpts) == 1 and "checkpoint written" in open(log).read()
     step = int(ckpts[0].split("_")[1])
     assert step == json.load(open(os.path.join(out, ckpts[0], "train_state.json")))["step"] < 40
+
+
+def test_two_processes_train_as_one(tmp_path):
+    """Two processes of 4 simulated devices each, coordinated on 127.0.0.1, give one 8-device process's
+    losses and checkpoint: the global batch and the all-gathered negatives do not depend on the split.
+
+    (The issue asks for 2 x 2 devices against 1 x 4; 2 x 4 against the 8 devices of this process tests
+    the same and saves a subprocess and its compile: the reference is the step compiled above.)
+    """
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    argv = TINY + ["--steps", "3", "--ckpt-every", "2", "--skip-final-eval"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
+    procs = [_spawn(argv + ["--out", two, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                            "--process-id", str(i)], logs[i], devices=4) for i in range(2)]
+    try:
+        assert train.main(argv + ["--out", one]) == 0  # meanwhile, the reference in this process
+        for p, log in zip(procs, logs):
+            assert p.wait(timeout=600) == 0, open(log).read()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    # Gloo's cross-process reductions add in another order than the in-process ones: float32 rounding,
+    # far below 1e-5 in the losses after three steps.
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+    assert sorted(d for d in os.listdir(two) if "ckpt" in d) == ["ckpt_000000002", "ckpt_000000003"]
+    # The parameters cannot be compared as tightly: Adam divides each gradient by its own magnitude, so a
+    # parameter whose gradient is at rounding level (a BatchNorm bias, say) still moves by up to the
+    # learning rate, in either direction. Three steps of warm-up move a parameter by at most 1e-4.
+    a, b = _params(os.path.join(two, "ckpt_000000003")), _params(os.path.join(one, "ckpt_000000003"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4, err_msg=k)
+    saved = json.load(open(os.path.join(two, "ckpt_000000003", "train_state.json")))
+    assert saved["step"] == 3 and len(saved["data"]) == 2  # each process's loader position
+
+
+def test_memory_report_prints_a_row_and_does_not_train(tmp_path, capsys):
+    """--memory-report compiles the step and reads XLA's memory analysis (the same program as the runs
+    above, so the compile cache has it); it prints one README table row and writes nothing."""
+    out = str(tmp_path / "run")
+    assert train.main(TINY + ["--steps", "4", "--memory-report", "--vocab", data.synthetic_vocab(), "--out", out]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = dict(zip(train.MEMORY_COLUMNS, (c.strip() for c in row.strip("|").split("|"))))
+    units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    size = {k: float(cells[k].split()[0]) * units[cells[k].split()[1]] for k in
+            ("parameters", "optimizer state", "BN state", "arguments", "outputs", "temporaries", "total")}
+    assert all(v > 0 for v in size.values()) and cells["pairs/device"] == "2"
+    # LAMB and AdamW keep Adam's two moments per parameter; the arguments hold parameters, both states
+    # and the batch.
+    assert size["optimizer state"] >= 1.99 * size["parameters"]
+    assert size["arguments"] >= 0.99 * (size["parameters"] + size["optimizer state"] + size["BN state"])
+    assert not os.path.exists(out)

@@ -55,6 +55,7 @@ class Recipe:
     temperature_init: float = 1.0    # Sec. 5
     image_size: int = 289            # Sec. 5: 346 resize, 289 crop
     dtype: str = "bfloat16"
+    optimizer: str = "lamb"          # Sec. 5: LAMB (You et al. 2020); "adamw" for short small-batch runs
     log_every: int = 100
     ckpt_every: int = 5000
     eval_every: int = 0
@@ -64,9 +65,14 @@ RECIPES = {
     "L2": Recipe(),
     # Sec. 6.1: "We reduce the training steps to 1M in ablation"; the ablation models are B1-B7.
     **{s: Recipe(steps=1_000_000) for s in ("B1", "B3", "B5", "B7")},
-    # Made up for CPUs: 400 steps run in 4m45s on a 2-core CPU, and the batch loss falls from 8.32 to 6.67,
-    # but held-out retrieval is still at chance (README, "Training"): this recipe is not finished.
+    # Made up for a 2-core CPU (README, "Training"): 400 steps of 64 pairs at 64 px. Two changes from the
+    # paper's recipe make a short run learn (measured on this recipe; the batch loss starts at 8.3):
+    # - AdamW, not LAMB: LAMB's step is lr x each layer's norm (made for batch 32k, You et al. 2020),
+    #   slow here: batch loss 6.3 after 400 steps at lr 3e-3, 7.4 at 1e-2; AdamW at 3e-3 reaches 5.6.
+    # - temperature from 0.07 (CLIP's), not 1.0: Adam moves the log-temperature by about lr per step,
+    #   so in 400 steps it only got from 1.0 to 0.47, where the logits cannot separate 64 pairs.
     "tiny": Recipe(batch_size=64, steps=400, lr=3e-3, warmup_steps=50, image_size=64, dtype="float32",
+                   optimizer="adamw", temperature_init=0.07,
                    log_every=20, ckpt_every=200, eval_every=0),
 }
 # Sec. 5.1: fine-tuning for retrieval, batch 2048, learning rate 1e-5, 3k (Flickr30K) / 6k (MSCOCO) steps.
@@ -111,7 +117,11 @@ def parse_args(argv=None):
     ap.add_argument("--process-id", type=int)
     ap.add_argument("--skip-final-eval", action="store_true", help="do not run held-out retrieval at the end")
     ap.add_argument("--stop-after", type=int, help="checkpoint and exit after this many steps, as on preemption")
+    ap.add_argument("--memory-report", action="store_true",
+                    help="print one device's memory for a training step (compiled, not run; 16 pairs per device "
+                         "unless --batch-size) as a README table row, and exit")
     ap.add_argument("--plant-nan-at", type=int, help=argparse.SUPPRESS)  # tests: a NaN batch at this step
+    ap.add_argument("--pause-in-checkpoint", type=int, help=argparse.SUPPRESS)  # tests: hang writing this step's
     return ap.parse_args(argv)
 
 
@@ -124,6 +134,8 @@ def resolve(args):
         recipe = dataclasses.replace(recipe, **FINETUNE[args.finetune])
     recipe = dataclasses.replace(recipe, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                                             if getattr(args, f.name) is not None})
+    if recipe.optimizer not in ("lamb", "adamw"):
+        raise UsageError(f"unknown --optimizer {recipe.optimizer!r}; choose lamb (the paper's) or adamw")
     cfg = align.SIZES[args.size]
     if args.image_tower:
         if args.image_tower not in en.CONFIGS:
@@ -166,7 +178,7 @@ def scale_by_layer_trust_ratio():
 
 
 def make_optimizer(recipe: Recipe, params):
-    """LAMB with weight decay on weight matrices only, warm-up then linear decay (Sec. 5)."""
+    """LAMB (or AdamW) with weight decay on weight matrices only, warm-up then linear decay (Sec. 5)."""
     lr = optax.join_schedules([optax.linear_schedule(0.0, recipe.lr, max(recipe.warmup_steps, 1)),
                                optax.linear_schedule(recipe.lr, 0.0, max(recipe.steps - recipe.warmup_steps, 1))],
                               [recipe.warmup_steps])
@@ -175,10 +187,13 @@ def make_optimizer(recipe: Recipe, params):
     decay = lambda p: jax.tree_util.tree_map_with_path(lambda path, x: x.ndim - _is_stacked(path) >= 2, p)
     # optax.lamb's own chain (Adam moments, decoupled weight decay, trust ratio, learning rate), with
     # the per-layer trust ratio above.
-    lamb = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6), optax.add_decayed_weights(recipe.weight_decay, decay),
-                       scale_by_layer_trust_ratio(), optax.scale_by_learning_rate(lr))
-    labels = {k: ("temperature" if k == "temperature" else "lamb") for k in params}
-    return optax.multi_transform({"lamb": lamb, "temperature": optax.adam(lr)}, labels), lr
+    if recipe.optimizer == "lamb":
+        main = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6), optax.add_decayed_weights(recipe.weight_decay, decay),
+                           scale_by_layer_trust_ratio(), optax.scale_by_learning_rate(lr))
+    else:  # the same without the trust ratio: AdamW's step is absolute, not relative to each layer's norm
+        main = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=recipe.weight_decay, mask=decay)
+    labels = {k: ("temperature" if k == "temperature" else "main") for k in params}
+    return optax.multi_transform({"main": main, "temperature": optax.adam(lr)}, labels), lr
 
 
 def make_step(cfg, recipe, optimizer, mesh, bn_across):
@@ -205,17 +220,34 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across):
                                  out_specs=(rep, rep, rep, rep)), donate_argnums=(0, 1, 2))
 
 
+def step_shapes(mesh, params, state, opt_state, batch_size, image_size, max_len):
+    """The step's arguments as placed shapes, to compile it before any batch exists (`step.lower(...)`)."""
+    rep, split = jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
+    placed = lambda tree, sharding: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type), tree)
+    return (placed(params, rep), placed(state, rep), placed(opt_state, rep),
+            jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32, sharding=split),  # as data.py
+            *[jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32, sharding=split)] * 2,  # token ids, mask
+            placed(jax.eval_shape(lambda: jax.random.key(0)), rep))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state, keep):
-    """OUT/ckpt_<step>: written as OUT/.tmp_ckpt_<step> and renamed, so it is whole or absent."""
+def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state, keep, pause=False):
+    """OUT/ckpt_<step>: written as OUT/.tmp_ckpt_<step> and renamed, so it is whole or absent.
+
+    `pause` is for tests: stop half-way through the write, to be killed there.
+    """
     final = os.path.join(out, f"ckpt_{step:09d}")
     tmp = os.path.join(out, f".tmp_ckpt_{step:09d}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (d for d in os.listdir(out) if d.startswith(".tmp_ckpt_")):  # left by a killed run
+        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     align.save(tmp, jax.device_get(params), jax.device_get(state), cfg, vocab_path=vocab)
     weights.write_safetensors(os.path.join(tmp, "optimizer.safetensors"), weights.tree_to_flat(jax.device_get(opt_state)))
+    if pause:
+        time.sleep(3600)
     with open(os.path.join(tmp, "train_state.json"), "w") as f:
         json.dump(train_state, f)
     shutil.rmtree(final, ignore_errors=True)
@@ -235,6 +267,12 @@ def gather_data_states(state, size=1 << 16):
         raise RuntimeError(f"data loader state is {len(blob)} bytes, more than {size}")
     rows = multihost_utils.process_allgather(np.frombuffer(blob.ljust(size), np.uint8))
     return [json.loads(bytes(row).rstrip()) for row in np.asarray(rows)]
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def latest_checkpoint(out):
@@ -275,6 +313,67 @@ def heldout_retrieval(params, state, cfg, tokenizer, eval_data, image_size, batc
 
 
 # ----------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _nbytes(tree):
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _human(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+MEMORY_COLUMNS = ["size", "towers", "image", "pairs/device", "dtype", "optimizer", "remat", "parameters",
+                  "optimizer state", "BN state", "arguments", "outputs", "temporaries", "total", "compile"]
+
+
+def memory_report(args):
+    """One row of the README's memory table: one device's share of a training step, compiled, never run.
+
+    Sec. 5 trains on 1024 TPUv3 cores (16 GiB each) with 16 pairs per core: that is the default here
+    (`--batch-size` is the global batch, 16 x this process's devices unless given). No parameter is
+    allocated: their shapes come from jax.eval_shape, and the memory from XLA's analysis of the
+    compiled step (arguments: parameters, optimizer and BatchNorm state, the batch; outputs alias the
+    donated arguments; temporaries: activations kept for the backward pass and workspace).
+    """
+    cfg, recipe = resolve(args)
+    n_dev = jax.device_count()
+    batch = args.batch_size or 16 * n_dev
+    if batch % n_dev:
+        raise UsageError(f"--batch-size {batch} is not divisible by the {n_dev} devices; use a multiple of {n_dev}")
+    # The word-embedding table is sized by the vocabulary: --vocab's, else the paper's 100k (Sec. 4.1).
+    # Everything else is the program `train` would compile here (on CPU, depthwise convolutions as
+    # shifted multiply-adds: efficientnet.Config.depthwise).
+    vocab_size = len(data.Tokenizer(args.vocab).vocab) if args.vocab else cfg.text.vocab_size
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    params, state = jax.eval_shape(lambda: align.init(jax.random.key(0), cfg))
+    optimizer, _ = make_optimizer(recipe, params)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    S = recipe.image_size
+    t0 = time.perf_counter()
+    compiled = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices).lower(
+        *step_shapes(mesh, params, state, opt_state, batch, S, cfg.text.max_len)).compile()
+    seconds = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    if m is None:
+        raise UsageError(f"XLA gives no memory analysis on this backend ({jax.default_backend()})")
+    # Donated parameters and state are updated in place: their outputs share the arguments' buffers.
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    row = {"size": cfg.name, "towers": f"{cfg.image.name} + BERT-{cfg.text.name}", "image": S,
+           "pairs/device": batch // n_dev, "dtype": recipe.dtype, "optimizer": recipe.optimizer,
+           "remat": "yes" if args.remat else "no",
+           "parameters": _nbytes(params), "optimizer state": _nbytes(opt_state), "BN state": _nbytes(state),
+           "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes - m.alias_size_in_bytes,
+           "temporaries": m.temp_size_in_bytes, "total": total, "compile": f"{seconds:.0f} s"}
+    print("| " + " | ".join(MEMORY_COLUMNS) + " |", file=sys.stderr)
+    print("| " + " | ".join(_human(v) if isinstance(v, int) and k not in ("image", "pairs/device") else str(v)
+                            for k, v in row.items()) + " |")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Main loop
 
 
@@ -303,22 +402,29 @@ def train(args):
     # The vocabulary defines the embedding table (ALIGN's is 100k words, built from its data, Sec. 4.1).
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer.vocab)))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    params, state = jax.jit(align.init, static_argnums=1)(jax.random.key(args.seed), cfg)
+    # Parameters, optimizer and BatchNorm state, and the rng are global arrays replicated on every device
+    # of every process: made by jit with that output sharding, or put there from the same host values
+    # (a checkpoint) on every process. A plain array on one local device cannot enter a step that spans
+    # other processes' devices.
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    params, state = jax.jit(align.init, static_argnums=1, out_shardings=replicated)(jax.random.key(args.seed), cfg)
     optimizer, lr_schedule = make_optimizer(recipe, params)
-    opt_state = optimizer.init(params)
     train_state = {"step": 0, "data": None, "skipped_steps": 0}
 
     resume = latest_checkpoint(args.out)
     if resume:
         params, state, opt_state, train_state = load_checkpoint(resume, cfg, optimizer)
+        params, state, opt_state = jax.device_put((params, state, opt_state), replicated)
     elif args.init:
         params, state, init_cfg = align.load(args.init)
+        params, state = jax.device_put((params, state), replicated)
         if init_cfg.text.vocab_size != cfg.text.vocab_size:
             raise UsageError(f"--init {args.init} has a {init_cfg.text.vocab_size}-word vocabulary but --vocab has "
                              f"{cfg.text.vocab_size}; pass the vocab.txt that came with it")
         cfg = dataclasses.replace(init_cfg, image=dataclasses.replace(init_cfg.image, dtype=cfg.image.dtype, remat=cfg.image.remat),
                                   text=dataclasses.replace(init_cfg.text, dtype=cfg.text.dtype, remat=cfg.text.remat))
-        opt_state = optimizer.init(params)
+    if not resume:
+        opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
 
     if p_id == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -334,7 +440,14 @@ def train(args):
                               image_size=recipe.image_size, train=True, seed=args.seed, process_index=p_id,
                               process_count=p_count, max_len=cfg.text.max_len, workers=workers,
                               state=train_state["data"][p_id] if train_state["data"] else None)
-    step_fn = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices)
+    step_fn = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices).lower(
+        *step_shapes(mesh, params, state, opt_state, recipe.batch_size, recipe.image_size, cfg.text.max_len)).compile()
+    if p_count > 1:
+        # Compiling takes each process its own time, and on CPU (Gloo) the first cross-process step waits
+        # only 30 s for the others: wait for every process here, on the coordination service's barrier
+        # (as JAX's own multi-process tests do; it has no public wrapper).
+        from jax._src import distributed
+        distributed.global_state.client.wait_at_barrier("train.py: step compiled", 60 * 60 * 1000)
     batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
     to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
 
@@ -342,14 +455,24 @@ def train(args):
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     from tqdm import tqdm
     bar = tqdm(total=recipe.steps, initial=train_state["step"], disable=p_id != 0, dynamic_ncols=True)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a") if p_id == 0 else None
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if p_id == 0 and resume and os.path.exists(metrics_path):
+        # Rows after the checkpoint come from steps that a kill undid and that will run again.
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= train_state["step"]]
+        weights.atomic_write(metrics_path, lambda f: f.write("".join(kept).encode()))
+    metrics_file = open(metrics_path, "a") if p_id == 0 else None
     consecutive_bad, t_last, images_since = 0, time.perf_counter(), 0
-    rng = jax.random.key(args.seed + 1)
+    rng = jax.jit(lambda: jax.random.key(args.seed + 1), out_shardings=replicated)()
+    # Held-out retrieval runs on process 0 alone, so on its own copy of the replicated weights: a
+    # computation on the global arrays would wait for the other processes.
+    local = lambda tree: jax.tree.map(lambda x: x.addressable_data(0), tree)
 
     def checkpoint():  # called on every process: the data positions are gathered collectively
         train_state["data"] = gather_data_states(loader.state())
         if p_id == 0:
-            save_checkpoint(args.out, train_state["step"], params, state, opt_state, cfg, vocab, train_state, args.keep)
+            save_checkpoint(args.out, train_state["step"], params, state, opt_state, cfg, vocab, train_state, args.keep,
+                            pause=args.pause_in_checkpoint == train_state["step"])
 
     while train_state["step"] < recipe.steps:
         batch = next(loader)
@@ -382,10 +505,14 @@ def train(args):
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
         if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and p_id == 0:
-            r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
+            r, n = heldout_retrieval(local(params), local(state), cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
             bar.write(f"step {step + 1}: held-out retrieval ({n} pairs) i2t R@1 {r['i2t']['R@1']:.1f}  t2i R@1 {r['t2i']['R@1']:.1f}")
         if args.stop_after == step + 1:
             stop["signal"] = "--stop-after"
+        if p_count > 1 and any_process(stop["signal"] is not None) and not stop["signal"]:
+            # A preemption signal reaches each process at its own moment; all must stop after the same
+            # step, or the others would wait forever in the checkpoint's collective.
+            stop["signal"] = "a signal to another process"
         if (step + 1) % recipe.ckpt_every == 0 or stop["signal"]:
             checkpoint()
         if stop["signal"]:
@@ -398,7 +525,7 @@ def train(args):
     loader.close()
     if p_id == 0 and not args.skip_final_eval:
         t0 = time.perf_counter()
-        r, n = heldout_retrieval(params, state, cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
+        r, n = heldout_retrieval(local(params), local(state), cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
         print(f"held-out retrieval on {n} pairs ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
         print(f"  image->text R@1 {r['i2t']['R@1']:.1f}  R@5 {r['i2t']['R@5']:.1f}  R@10 {r['i2t']['R@10']:.1f}")
         print(f"  text->image R@1 {r['t2i']['R@1']:.1f}  R@5 {r['t2i']['R@5']:.1f}  R@10 {r['t2i']['R@10']:.1f}")
@@ -410,7 +537,7 @@ def train(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return train(args)
+        return memory_report(args) if args.memory_report else train(args)
     except (UsageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
