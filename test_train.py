@@ -21,7 +21,7 @@ import data
 import train
 import weights
 
-# Compiling the step is most of a test's time (about a minute on a 2-core CPU). A warm-up longer than
+# Compiling the step is most of a test's time (half a minute on a 2-core CPU). A warm-up longer than
 # any test's run keeps the learning-rate schedule's constants, and so the compiled step, the same for
 # every --steps below: it compiles once per session (JAX's compilation cache, conftest.py), in-process
 # and in the 8-device subprocesses alike.
@@ -69,19 +69,17 @@ def _params(ckpt):
     return weights.read_safetensors(os.path.join(ckpt, "model.safetensors"))
 
 
-
-
 def test_killed_while_checkpointing_then_resumed_equals_uninterrupted_run(tmp_path):
     """4 steps straight; or SIGKILL half-way through writing step 4's checkpoint, and the same command
     again: it ignores the half-written one, resumes from step 2's and gives the same losses and parameters."""
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     argv = TINY + ["--steps", "4", "--ckpt-every", "2", "--skip-final-eval"]
     log = str(tmp_path / "killed.log")
+    assert train.main(argv + ["--out", straight]) == 0  # first: the subprocess then finds its step compiled
     # The hidden --pause-in-checkpoint hangs after the weights and optimizer state are in the temporary
     # directory, before train_state.json and the rename: the kill lands at the same point every time.
     p = _spawn(argv + ["--out", killed, "--pause-in-checkpoint", "4"], log)
     try:
-        assert train.main(argv + ["--out", straight]) == 0  # meanwhile, the reference in this process
         _wait_for(os.path.join(killed, ".tmp_ckpt_000000004", "optimizer.safetensors"), p, log)
         p.send_signal(signal.SIGKILL)
         assert p.wait(timeout=60) == -signal.SIGKILL
@@ -153,12 +151,13 @@ def test_two_processes_train_as_one(tmp_path):
     np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
     assert sorted(d for d in os.listdir(two) if "ckpt" in d) == ["ckpt_000000002", "ckpt_000000003"]
     # The parameters cannot be compared as tightly: Adam divides each gradient by its own magnitude, so a
-    # parameter whose gradient is at rounding level (a BatchNorm bias, say) still moves by up to the
-    # learning rate, in either direction. Three steps of warm-up move a parameter by at most 1e-4.
+    # parameter whose gradient is at rounding level (a BatchNorm bias, say) still moves by about the
+    # learning rate, in a direction that rounding decides. The three steps' rates sum to 9e-5 (0, 3e-5,
+    # 6e-5): two runs can differ by twice that.
     a, b = _params(os.path.join(two, "ckpt_000000003")), _params(os.path.join(one, "ckpt_000000003"))
     assert a.keys() == b.keys()
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-4, err_msg=k)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=2e-4, err_msg=k)
     saved = json.load(open(os.path.join(two, "ckpt_000000003", "train_state.json")))
     assert saved["step"] == 3 and len(saved["data"]) == 2  # each process's loader position
 

@@ -2,6 +2,7 @@
 
     python train.py                       # tiny model, synthetic data, this CPU, a few minutes
     python train.py --size L2 --data 'shards/{00000..99999}.tar' --vocab vocab.txt --out runs/l2
+    python train.py --size L2 --memory-report --remat   # one device's memory for a step: compiled, not run
 
 The step is data parallel over one `data` mesh axis spanning every device of every process: each
 device holds its slice of the global batch, the parameters are replicated, and the loss is ALIGN's
@@ -208,12 +209,16 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across):
         grads = jax.lax.pmean(grads, "data")  # align.contrastive_loss's contract: pmean, never psum
         new_state = jax.lax.pmean(new_state, "data")  # keep BatchNorm's running averages replicated
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        updates, new_opt = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # A non-finite loss or gradient never reaches the parameters: keep everything as it was.
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        metrics = dict(metrics, finite=finite.astype(jnp.float32))
-        return keep(new_params, params), keep(new_state, state), keep(new_opt, opt_state), metrics
+
+        def update(params, state, opt_state):
+            updates, new_opt = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_state, new_opt
+
+        # A non-finite loss or gradient never reaches the parameters: keep everything as it was. (A
+        # conditional, not a select per array: with selects XLA:CPU compiled tiny's step in 46 s, not
+        # 27 s, and planned 23% more temporary memory.)
+        params, state, opt_state = jax.lax.cond(finite, update, lambda *old: old, params, state, opt_state)
+        return params, state, opt_state, dict(metrics, finite=finite.astype(jnp.float32))
 
     rep = P()
     return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(rep, rep, rep, P("data"), P("data"), P("data"), rep),
