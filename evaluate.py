@@ -701,21 +701,23 @@ def _need_model(args):
     return load_model(args.checkpoint, args.vocab)
 
 
+def _image_embeddings(args, model, paths, order):
+    """(img_NE, ok_N, skipped): --image-embeddings (rows in `order`), else the model on the files."""
+    if args.image_embeddings:
+        return _load_npy(args.image_embeddings, len(paths), "--image-embeddings", order), np.ones(len(paths), bool), {}
+    img_NE, ok, skipped = embed_image_files(model, paths, args.image_size, batch=args.batch_size,
+                                            workers=args.workers, cache=args.cache)
+    _report_skipped(skipped, len(paths))
+    return img_NE, ok, skipped
+
+
 def run_retrieval(args):
     """Sec. 5.1, Table 1: Flickr30K (1K test) and MSCOCO (5K test) image<->text Recall@1/5/10."""
     paths, captions, txt_to_img, _, _ = read_karpathy(args.karpathy, args.split, args.images, args.captions_per_image)
     model = None if (args.image_embeddings and args.text_embeddings) else _need_model(args)
-    skipped = {}
-    if args.image_embeddings:
-        img_NE = _load_npy(args.image_embeddings, len(paths), "--image-embeddings",
-                           f"one per {args.split} image, in the JSON's order")
-        ok = np.ones(len(paths), bool)
-    else:
-        if args.images is None:
-            raise UsageError("pass --images (the folder of the Karpathy JSON's images) or --image-embeddings")
-        img_NE, ok, skipped = embed_image_files(model, paths, args.image_size, batch=args.batch_size,
-                                                workers=args.workers, cache=args.cache)
-        _report_skipped(skipped, len(paths))
+    if not args.image_embeddings and args.images is None:
+        raise UsageError("pass --images (the folder of the Karpathy JSON's images) or --image-embeddings")
+    img_NE, ok, skipped = _image_embeddings(args, model, paths, f"one per {args.split} image, in the JSON's order")
     if args.text_embeddings:
         txt_ME = _load_npy(args.text_embeddings, len(captions), "--text-embeddings",
                            "one per caption, in the JSON's order")
@@ -746,14 +748,7 @@ def run_zeroshot(args):
     if not all("{}" in t for t in templates):
         raise UsageError(f"--templates {args.templates}: every line needs a {{}} where the class name goes")
     model = None if (args.image_embeddings and args.text_embeddings) else _need_model(args)
-    skipped, ok = {}, np.ones(len(paths), bool)
-    if args.image_embeddings:
-        img_NE = _load_npy(args.image_embeddings, len(paths), "--image-embeddings",
-                           "one per image: sorted class folders, sorted files")
-    else:
-        img_NE, ok, skipped = embed_image_files(model, paths, args.image_size, batch=args.batch_size,
-                                                workers=args.workers, cache=args.cache)
-        _report_skipped(skipped, len(paths))
+    img_NE, ok, skipped = _image_embeddings(args, model, paths, "one per image: sorted class folders, sorted files")
     if args.text_embeddings:
         txt = _load_npy(args.text_embeddings, len(names), "--text-embeddings",
                         "one per class ([C, E]) or per class and prompt ([C, T, E])")
