@@ -48,6 +48,25 @@ def test_errors_are_one_line(argv, message, tmp_path, capsys):
     assert message in err and "\n" not in err and err.startswith("error: ")
 
 
+
+def test_checkpoint_or_init_that_does_not_match_is_one_line(tmp_path, capsys):
+    """Issue item 8's two model mismatches: a run directory holding another size's checkpoint, and an
+    --init model whose vocabulary is not --vocab's. Both are caught before any step runs."""
+    import dataclasses
+    import jax
+    tiny = align.SIZES["tiny"]
+    other = dataclasses.replace(tiny, embed_dim=32, text=dataclasses.replace(tiny.text, vocab_size=50))
+    params, state = align.init(jax.random.key(0), other)
+    run, model = tmp_path / "run" / "ckpt_000000002", str(tmp_path / "model")
+    align.save(str(run), params, state, other)
+    (run / "train_state.json").write_text('{"step": 2}')
+    align.save(model, params, state, other)
+    for argv, message in ((["--out", str(tmp_path / "run")], "not the one asked for"),
+                          (["--out", str(tmp_path / "new"), "--init", model], "50-word vocabulary")):
+        assert train.main(TINY + argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err and err.startswith("error: "), err
+
 def _spawn(argv, log, devices=8):
     """train.py in a subprocess, for what needs one: a signal, a kill, several processes."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
@@ -178,3 +197,14 @@ def test_memory_report_prints_a_row_and_does_not_train(tmp_path, capsys):
     assert size["optimizer state"] >= 1.99 * size["parameters"]
     assert size["arguments"] >= 0.99 * (size["parameters"] + size["optimizer state"] + size["BN state"])
     assert not os.path.exists(out)
+
+
+def test_out_of_memory_gets_a_hint(monkeypatch, capsys):
+    """XLA's out-of-memory error (stood in for here: triggering one would need a real device) becomes one
+    line pointing at --remat and the per-device batch."""
+    def oom(args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17.2GiB.\nmore detail")
+    monkeypatch.setattr(train, "train", oom)
+    assert train.main(TINY) == 3
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: out of memory") and "--remat" in err
