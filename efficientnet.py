@@ -214,25 +214,95 @@ def _batch_norm(x_BHWC, p, s, cfg: Config, train, axis_name):
     """
     x = x_BHWC.astype(jnp.float32)
     if train:
-        mean_C = jnp.mean(x, axis=(0, 1, 2))
-        if axis_name is not None:
-            mean_C = jax.lax.pmean(mean_C, axis_name)
-        var_C = jnp.mean(jnp.square(x - mean_C), axis=(0, 1, 2))
-        if axis_name is not None:
-            var_C = jax.lax.pmean(var_C, axis_name)
+        y, mean_C, var_C = _normalise_batch(x, p["scale"], p["bias"], cfg.bn_eps, axis_name)
         m = cfg.bn_momentum
         # Biased batch variance in the running average, as the TF TPU reference (TpuBatchNormalization).
         s = {"mean": m * s["mean"] + (1 - m) * mean_C, "var": m * s["var"] + (1 - m) * var_C}
     else:
-        mean_C, var_C = s["mean"], s["var"]
-    y = (x - mean_C) * jax.lax.rsqrt(var_C + cfg.bn_eps) * p["scale"] + p["bias"]
+        y = (x - s["mean"]) * jax.lax.rsqrt(s["var"] + cfg.bn_eps) * p["scale"] + p["bias"]
     return y.astype(x_BHWC.dtype), s
+
+
+def _batch_moments(x_BHWC, axis_name):
+    mean_C = jnp.mean(x_BHWC, axis=(0, 1, 2))
+    if axis_name is not None:
+        mean_C = jax.lax.pmean(mean_C, axis_name)
+    var_C = jnp.mean(jnp.square(x_BHWC - mean_C), axis=(0, 1, 2))
+    if axis_name is not None:
+        var_C = jax.lax.pmean(var_C, axis_name)
+    return mean_C, var_C
+
+
+def _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name):
+    """(x - batch mean) / batch std * scale + bias, and the batch's (mean, biased variance)."""
+    mean_C, var_C = _batch_moments(x_BHWC, axis_name)
+    return (x_BHWC - mean_C) * jax.lax.rsqrt(var_C + eps) * scale_C + bias_C, mean_C, var_C
+
+
+# The forward pass as written; the backward pass by hand (below). The statistics it also returns are
+# for the running averages and get no gradient.
+_normalise_batch = jax.custom_vjp(_normalise_batch_plain, nondiff_argnums=(3, 4))
+
+
+def _normalise_batch_fwd(x_BHWC, scale_C, bias_C, eps, axis_name):
+    y, mean_C, var_C = _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name)
+    return (y, mean_C, var_C), (x_BHWC, scale_C, mean_C, jax.lax.rsqrt(var_C + eps))
+
+
+def _normalise_batch_bwd(eps, axis_name, saved, cotangents):
+    """The textbook BatchNorm gradient (Ioffe & Szegedy 2015, Sec. 3), from x alone.
+
+    dx = scale / std * (g - mean(g) - x_hat * mean(g * x_hat)), with the means over the batch (and
+    over `axis_name`). Autodiff instead saves x - mean as a residual and makes more passes over
+    the activations: this form is one reduction and one elementwise pass (BENCHMARKS.md).
+    """
+    x_BHWC, scale_C, mean_C, rstd_C = saved
+    g_BHWC = cotangents[0]
+    x_hat = (x_BHWC - mean_C) * rstd_C
+    dbias_C = jnp.sum(g_BHWC, axis=(0, 1, 2))
+    dscale_C = jnp.sum(g_BHWC * x_hat, axis=(0, 1, 2))
+    n = x_BHWC.shape[0] * x_BHWC.shape[1] * x_BHWC.shape[2]
+    mean_g_C, mean_gx_C = dbias_C / n, dscale_C / n
+    if axis_name is not None:
+        mean_g_C, mean_gx_C = jax.lax.pmean((mean_g_C, mean_gx_C), axis_name)
+    dx = scale_C * rstd_C * (g_BHWC - mean_g_C - x_hat * mean_gx_C)
+    return dx, _summed_over_copies(dscale_C, scale_C), _summed_over_copies(dbias_C, scale_C)
+
+
+def _varying_axes(x):
+    """The mesh axes along which x differs from device to device, inside shard_map (else none)."""
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)  # JAX >= 0.9; before, `vma`
+    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+
+
+def _summed_over_copies(ct, primal):
+    """A parameter's cotangent summed over the mesh axes where the parameter is one replicated copy.
+
+    Inside shard_map a replicated parameter meeting per-device data is implicitly broadcast, and
+    autodiff transposes that broadcast to a psum; a custom backward pass must do the same.
+    """
+    axes = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    return jax.lax.psum(ct, axes) if axes else ct
+
+
+_normalise_batch.defvjp(_normalise_batch_fwd, _normalise_batch_bwd)
 
 
 def _conv(x_BHWC, w_KKCD, stride, padding, groups=1):
     return jax.lax.conv_general_dilated(
         x_BHWC, w_KKCD.astype(x_BHWC.dtype), (stride, stride), padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _pointwise(x_BHWC, w_CD):
+    """A 1x1 convolution, written as one [B*H*W, C] x [C, D] matrix product.
+
+    The same sums as `einsum("bhwc,cd->bhwd")`, but XLA's CPU backward of the 4-D form, which needs both
+    the weight and the input gradient, is up to 1.6x slower than of the 2-D one (BENCHMARKS.md).
+    """
+    B, H, W, C = x_BHWC.shape
+    return (x_BHWC.reshape(B * H * W, C) @ w_CD.astype(x_BHWC.dtype)).reshape(B, H, W, -1)
 
 
 def _depthwise(x_BHWC, w_KK1C, stride, padding, impl):
@@ -255,11 +325,60 @@ def _depthwise(x_BHWC, w_KK1C, stride, padding, impl):
     else:
         pads = list(padding)
     x = jnp.pad(x_BHWC, ((0, 0), pads[0], pads[1], (0, 0)))
-    H_out, W_out = (x.shape[1] - K) // stride + 1, (x.shape[2] - K) // stride + 1
-    w_KKC = w_KK1C[:, :, 0, :].astype(x.dtype)
-    taps = (x[:, i:i + stride * (H_out - 1) + 1:stride, j:j + stride * (W_out - 1) + 1:stride, :] * w_KKC[i, j]
-            for i in range(K) for j in range(K))
-    return sum(taps)
+    return _shifted_sum(x, w_KK1C[:, :, 0, :].astype(x.dtype), stride)
+
+
+def _tap(xp_BHWC, i, j, stride, H_out, W_out):
+    """The padded input seen by kernel tap (i, j): rows i, i+stride, ..., H_out of them; likewise columns."""
+    size = (xp_BHWC.shape[0], stride * (H_out - 1) + 1, stride * (W_out - 1) + 1, xp_BHWC.shape[3])
+    return jax.lax.dynamic_slice(xp_BHWC, (0, i, j, 0), size)[:, ::stride, ::stride]
+
+
+def _out_size(xp_BHWC, K, stride):
+    return (xp_BHWC.shape[1] - K) // stride + 1, (xp_BHWC.shape[2] - K) // stride + 1
+
+
+def _taps_sum(xp_BHWC, w_KKC, stride):
+    """sum over taps (i, j) of tap(i, j) * w[i, j]: a depthwise convolution of the already padded input."""
+    K = w_KKC.shape[0]
+    H_out, W_out = _out_size(xp_BHWC, K, stride)
+    return sum(_tap(xp_BHWC, i, j, stride, H_out, W_out) * w_KKC[i, j] for i in range(K) for j in range(K))
+
+
+# The forward pass as written; the backward pass by hand (below).
+_shifted_sum = jax.custom_vjp(_taps_sum, nondiff_argnums=(2,))
+
+
+def _shifted_sum_fwd(xp_BHWC, w_KKC, stride):
+    return _shifted_sum(xp_BHWC, w_KKC, stride), (xp_BHWC, w_KKC)
+
+
+def _shifted_sum_bwd(stride, saved, g_BHWC):
+    """Both gradients by hand, each 4-10x faster on XLA:CPU than autodiff's (BENCHMARKS.md).
+
+    Input: the transposed convolution, written as the forward pass itself: g spread out by the stride
+    (zeros between its rows and columns), padded by K-1, convolved with the kernel turned by 180
+    degrees. Autodiff instead adds K*K padded copies of g*w, which XLA:CPU does not vectorise
+    (2x73x73x144, 5x5, stride 2: 19.4 -> 2.5 ms).
+    Weight: K*K reductions of tap(i, j) * g over batch and space, one tap at a time in `lax.map`.
+    Written out, XLA:CPU materialises all K*K taps at once (2x73x73x144, 3x3: 36 -> 7 ms).
+    """
+    xp_BHWC, w_KKC = saved
+    K, (_, H_in, W_in, _), (_, H_out, W_out, _) = w_KKC.shape[0], xp_BHWC.shape, g_BHWC.shape
+    spread = [(0, 0, 0), (K - 1, H_in - stride * (H_out - 1) - 1, stride - 1),
+              (K - 1, W_in - stride * (W_out - 1) - 1, stride - 1), (0, 0, 0)]
+    dx = _taps_sum(jax.lax.pad(g_BHWC, jnp.zeros((), g_BHWC.dtype), spread), w_KKC[::-1, ::-1], 1)
+
+    def tap_gradient(ij):
+        tap = _tap(xp_BHWC, ij[0], ij[1], stride, H_out, W_out)
+        return jnp.sum(tap.astype(jnp.float32) * g_BHWC.astype(jnp.float32), axis=(0, 1, 2))
+
+    taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
+    dw = jax.lax.map(tap_gradient, taps).reshape(w_KKC.shape).astype(w_KKC.dtype)
+    return dx, _summed_over_copies(dw, w_KKC)
+
+
+_shifted_sum.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
 
 
 def _padding(kernel, stride, cfg: Config, square=False):
@@ -287,8 +406,7 @@ def _mbconv(p, s, x_BHWC, b: Block, cfg: Config, train, axis_name, drop_rate, ke
     new_s = {}
     h = x_BHWC
     if b.expand != 1:  # at ratio 1 the block has no expansion conv (TF reference)
-        h, new_s["expand_bn"] = bn(jnp.einsum("bhwc,cd->bhwd", h, p["expand_conv"].astype(h.dtype)),
-                                   "expand_bn")
+        h, new_s["expand_bn"] = bn(_pointwise(h, p["expand_conv"]), "expand_bn")
         h = jax.nn.silu(h)
     h = _depthwise(h, p["depthwise_conv"], b.stride, _padding(b.kernel, b.stride, cfg, b.square_pad), cfg.depthwise)
     h, new_s["depthwise_bn"] = bn(h, "depthwise_bn")
@@ -298,7 +416,7 @@ def _mbconv(p, s, x_BHWC, b: Block, cfg: Config, train, axis_name, drop_rate, ke
     g_BS = jax.nn.silu(g_BD @ p["se_reduce"]["kernel"].astype(h.dtype) + p["se_reduce"]["bias"].astype(h.dtype))
     g_BD = jax.nn.sigmoid(g_BS @ p["se_expand"]["kernel"].astype(h.dtype) + p["se_expand"]["bias"].astype(h.dtype))
     h = h * g_BD[:, None, None, :]
-    h = jnp.einsum("bhwc,cd->bhwd", h, p["project_conv"].astype(h.dtype))
+    h = _pointwise(h, p["project_conv"])
     h, new_s["project_bn"] = bn(h, "project_bn")  # linear bottleneck: no activation
     if b.skip:
         if train and key is not None:

@@ -196,8 +196,10 @@ def test_efficientnet_remat_and_bfloat16_agree_with_float32():
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     l32, g32 = grad(params, cfg)
     l_r, g_r = grad(params, dataclasses.replace(cfg, remat=True))
-    np.testing.assert_allclose(l_r, l32, rtol=1e-6)
-    # Remat changes no maths, but XLA fuses the recomputed forward differently; compare whole gradients.
+    # Remat changes no maths, but XLA fuses the recomputed forward differently: float32 rounding in a
+    # different order. The loss was 1.0035e-6 apart once BatchNorm got its own backward pass (whose
+    # forward XLA now fuses apart from the reductions), so 1e-5 (a few tens of float32 ulps).
+    np.testing.assert_allclose(l_r, l32, rtol=1e-5)
     assert _relative_error(g_r, g32) < 1e-5
     # bfloat16 keeps 8 bits of mantissa: features within a few percent of their spread.
     cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
