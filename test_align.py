@@ -79,6 +79,31 @@ def test_efficientnet_feature_widths_and_depths():
     assert out.shape == (2, 1376) and out.dtype == jnp.float32
 
 
+def test_efficientnet_init_gives_each_kernel_its_own_draw_at_its_own_scale():
+    """`init` slices one normal draw into every kernel (efficientnet._draw): each gets the TF reference's
+    std sqrt(2 / fan_out), stacked copies of a block are different numbers, BatchNorm starts as identity."""
+    cfg = en.CONFIGS["B0"]
+    params, state = jax.tree.map(np.asarray, jax.jit(en.init, static_argnums=1)(jax.random.key(0), cfg))
+    kernels = []
+    for path, w in jax.tree_util.tree_leaves_with_path(params):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['scale']") or name.endswith("['bias']"):
+            assert np.all(w == (1.0 if "bn" in name and name.endswith("['scale']") else 0.0)), name
+            continue
+        k = w.shape[-4] if w.ndim >= 4 else 1  # [R,] K, K, in, out  or  [R,] in, out
+        std = np.sqrt(2.0 / (k * k * w.shape[-1]))
+        if w.size >= 2000:
+            assert abs(float(np.std(w)) / std - 1) < 0.1, (name, float(np.std(w)), std)
+        assert abs(float(np.mean(w))) < 4 * std / np.sqrt(w.size) + 1e-7, name
+        if "rest" in name and len(w) > 1:
+            assert not np.allclose(w[0], w[1]), name
+        kernels.append(float(np.ravel(w)[0]))
+    per_block = lambda b: 4 if b.expand == 1 else 5  # (expand,) depthwise, SE reduce, SE expand, project
+    n = 1 + sum(per_block(blocks[0]) * min(len(blocks), 2) for blocks in cfg.blocks())  # stem; first, rest
+    assert len(kernels) == n == 60 and len(set(kernels)) == n  # no two kernels share their numbers
+    assert all(np.all(v == 0) or np.all(v == 1) for v in jax.tree.leaves(state))
+
+
 def test_batchnorm_train_uses_batch_statistics_and_updates_running_averages():
     cfg = dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0)
     params, state = en.init(jax.random.key(0), cfg)
