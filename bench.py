@@ -28,12 +28,9 @@ layers by their number. They are per device, counted without remat, elementwise 
 import argparse
 import dataclasses
 import json
-import multiprocessing
 import os
 import platform
 import statistics
-import tarfile
-import tempfile
 import time
 import tracemalloc
 
@@ -405,36 +402,13 @@ def versus_torch(args):
 
 
 def data_pipeline(args):
-    rng = np.random.default_rng(0)
-    tokenizer = data.Tokenizer(data.synthetic_vocab())
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes = []
-        for s in range(args.shards):  # webdataset layout: KEY.jpg + KEY.txt per pair; data.py bench's images
-            with tarfile.open(os.path.join(tmp, f"{s:05d}.tar"), "w") as tar:
-                for i in range(args.images // args.shards):
-                    sizes.append(len(jpeg := data._photo_like_jpeg(rng)))
-                    data._add_member(tar, f"{s:05d}{i:06d}.jpg", jpeg)
-                    data._add_member(tar, f"{s:05d}{i:06d}.txt", b"a photo of two small red circles on the left")
-        print(f"data: {args.shards} shards of {args.images // args.shards} 500x375 JPEGs ({np.mean(sizes) / 1e3:.0f} KB) "
-              f"-> {args.image_size}x{args.image_size}, batch {args.batch}, {os.cpu_count()} cores, "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
-        pattern = os.path.join(tmp, "{00000.." + f"{args.shards - 1:05d}" + "}.tar")
-        for w in args.workers:
-            with data.make_loader(pattern, tokenizer=tokenizer, global_batch=args.batch, image_size=args.image_size,
-                                  workers=w) as loader:
-                next(loader)  # starts the workers
-                pids = [os.getpid()] + [p.pid for p in multiprocessing.active_children()]
-                t0, cpu0 = time.perf_counter(), data._cpu_seconds(pids)
-                for _ in range(args.batches):
-                    next(loader)
-                wall, cpu = time.perf_counter() - t0, data._cpu_seconds(pids) - cpu0
-            n = args.batches * args.batch
-            rows.append({"workers": w, "images": n, "images_per_s_total": n / wall, "images_per_s_per_core": n / cpu,
-                         "cores_busy": cpu / wall})
+    info, rows = data.pipeline_throughput(args.workers, args.batches, args.image_size, args.batch, args.shards,
+                                          distinct=args.images)
+    print(f"data: {args.shards} shards of 500x375 JPEGs ({args.images} distinct, {info['jpeg_kb']:.0f} KB) "
+          f"-> {args.image_size}x{args.image_size}, batch {args.batch}, {info['cores']} cores, load {info['load']:.1f}")
     print_table(rows, [("workers", "workers", None), ("images/s total", "images_per_s_total", "{:.0f}"),
                        ("images/s per core", "images_per_s_per_core", "{:.0f}"), ("cores busy", "cores_busy", "{:.1f}")])
-    return {"measure": "data", "jpeg_kb": float(np.mean(sizes)) / 1e3, "image_size": args.image_size,
+    return {"measure": "data", "jpeg_kb": info["jpeg_kb"], "image_size": args.image_size,
             "batch": args.batch, **machine(), "rows": rows}
 
 
@@ -506,7 +480,7 @@ def parser():
 
     p = command("data", data_pipeline, "input pipeline images/s on 500x375 JPEG shards")
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--images", type=int, default=512, help="distinct JPEGs written, spread over the shards")
+    p.add_argument("--images", type=int, default=512, help="distinct JPEGs, repeated to fill the shards")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=24, help="timed batches per setting (the stream cycles)")
     p.add_argument("--image-size", type=int, default=289)

@@ -1034,32 +1034,52 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def bench(workers: tuple = (0, 1, 2), images: int = 2048, image_size: int = CROP, batch: int = 64):
-    """Training-pipeline throughput (read, decode, resize, random crop, flip, tokenize) on a temporary shard."""
+def pipeline_throughput(workers=(0, 1, 2), batches=32, image_size=CROP, batch=64, shards=1, distinct=64):
+    """Images/s of the training pipeline (tar read, decode, resize, random crop, flip, tokenize).
+
+    Writes temporary webdataset shards of `distinct` photo-like 500x375 JPEGs (repeated to fill
+    `batches` + 4 batches over `shards` shards), then for each worker count times `batches` batches after
+    the first. Returns ({'jpeg_kb', 'cores', 'load'}, one row per worker count with images/s in wall-clock
+    time and per CPU-second of every process involved). `python data.py bench` and `bench.py data`.
+    """
     rng = np.random.default_rng(0)
-    jpegs = [_photo_like_jpeg(rng) for _ in range(64)]
+    jpegs = [_photo_like_jpeg(rng) for _ in range(distinct)]
     tokenizer = Tokenizer(synthetic_vocab())
-    print(f'{os.cpu_count()} CPU cores, load {os.getloadavg()[0]:.1f}; 500x375 JPEGs '
-          f'({np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB) -> {resize_for(image_size)}x{resize_for(image_size)}'
-          f' -> random {image_size}x{image_size} crop + flip')
+    per_shard = -(-max(distinct, (batches + 4) * batch) // shards)
+    info = {'jpeg_kb': float(np.mean([len(j) for j in jpegs])) / 1e3, 'cores': os.cpu_count(),
+            'load': os.getloadavg()[0]}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        shard = os.path.join(tmp, '00000.tar')
-        with tarfile.open(shard, 'w') as tar:
-            for i in range(images + 4 * batch):
-                _add_member(tar, f'{i:06d}.jpg', jpegs[i % len(jpegs)])
-                _add_member(tar, f'{i:06d}.txt', b'a photo of a large red circle on the left')
+        for s in range(shards):
+            with tarfile.open(os.path.join(tmp, f'{s:05d}.tar'), 'w') as tar:
+                for i in range(per_shard):
+                    _add_member(tar, f'{s:05d}{i:06d}.jpg', jpegs[(s * per_shard + i) % distinct])
+                    _add_member(tar, f'{s:05d}{i:06d}.txt', b'a photo of a large red circle on the left')
+        pattern = os.path.join(tmp, f'{{00000..{shards - 1:05d}}}.tar')
         for w in workers:
-            with make_loader(shard, tokenizer=tokenizer, global_batch=batch, image_size=image_size, workers=w) as loader:
+            with make_loader(pattern, tokenizer=tokenizer, global_batch=batch, image_size=image_size, workers=w) as loader:
                 next(loader)  # starts the workers
                 pids = [os.getpid()] + list(loader._pool._processes if loader._pool else [])
                 start, cpu = time.perf_counter(), _cpu_seconds(pids)
-                for _ in range(images // batch):
+                for _ in range(batches):
                     next(loader)
                 wall, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu
-            n = images // batch * batch
-            what = 'in the main process' if w == 0 else f'{w} worker process{"es" * (w > 1)}'
-            print(f'{what:24s} {n / wall:6.0f} images/s total (wall clock) {n / cpu:6.0f} images/s per core '
-                  f'(CPU time of all processes: {cpu / wall:.1f} cores busy)')
+            n = batches * batch
+            rows.append({'workers': w, 'images': n, 'images_per_s_total': n / wall, 'images_per_s_per_core': n / cpu,
+                         'cores_busy': cpu / wall})
+    return info, rows
+
+
+def bench(workers: tuple = (0, 1, 2), images: int = 2048, image_size: int = CROP, batch: int = 64):
+    """Prints `pipeline_throughput` on one shard of 64 distinct JPEGs, `images` images per worker count."""
+    info, rows = pipeline_throughput(workers, images // batch, image_size, batch)
+    print(f'{info["cores"]} CPU cores, load {info["load"]:.1f}; 500x375 JPEGs ({info["jpeg_kb"]:.0f} KB) -> '
+          f'{resize_for(image_size)}x{resize_for(image_size)} -> random {image_size}x{image_size} crop + flip')
+    for r in rows:
+        w = r['workers']
+        what = 'in the main process' if w == 0 else f'{w} worker process{"es" * (w > 1)}'
+        print(f'{what:24s} {r["images_per_s_total"]:6.0f} images/s total (wall clock) {r["images_per_s_per_core"]:6.0f} '
+              f'images/s per core (CPU time of all processes: {r["cores_busy"]:.1f} cores busy)')
 
 
 # ---------------------------------------------------------------- command line
