@@ -201,8 +201,8 @@ def _stacked(tree, n):
 def _draw(key, tree):
     """`tree` with every `_Normal` leaf drawn, all from one call of `jax.random.normal`.
 
-    One draw per parameter would be ~70 random-number programs for XLA to compile (EfficientNet-tiny's
-    `jax.jit(init)` took 12.5 s to compile, B7's ~50 s); one draw sliced up compiles in under a second.
+    One draw per parameter would be ~70 random-number programs for XLA to compile: EfficientNet-tiny's
+    `jax.jit(init)` compiled in 9.6 s that way and compiles in 1.1 s this way (BENCHMARKS.md).
     """
     leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_normal)
     sizes = [math.prod(a.shape) for a in leaves if _is_normal(a)]
