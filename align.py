@@ -309,11 +309,16 @@ def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *,
     img_BE, state = image_features(params, state, pixels_BHWC, cfg, train=True, rng=rng,
                                    bn_axis_name=bn_axis_name)
     txt_BE = text_features(params, ids_BL, mask_BL, cfg)
-    loss, metrics = loss_and_metrics(
-        _l2_normalise(img_BE), _l2_normalise(txt_BE), temperature(params, cfg), label_smoothing,
-        axis_name, negatives_fraction, img_norm_B=jnp.linalg.norm(img_BE, axis=-1),
-        txt_norm_B=jnp.linalg.norm(txt_BE, axis=-1))
+    loss, metrics = features_loss(img_BE, txt_BE, temperature(params, cfg), label_smoothing, axis_name,
+                                  negatives_fraction)
     return loss, (metrics, state)
+
+
+def features_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name=None, negatives_fraction=1.0):
+    """`train_loss` after the towers: (loss, metrics) of unnormalised embeddings, with their norms reported."""
+    return loss_and_metrics(_l2_normalise(img_BE), _l2_normalise(txt_BE), temperature, label_smoothing, axis_name,
+                            negatives_fraction, img_norm_B=jnp.linalg.norm(img_BE, axis=-1),
+                            txt_norm_B=jnp.linalg.norm(txt_BE, axis=-1))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -144,10 +144,9 @@ def step_parts(cfg, recipe, optimizer, mesh):
     def text(p, ids, mask):
         return jax.value_and_grad(lambda p: jnp.mean(align.text_features(p, ids, mask, cfg) ** 2))(p)
 
-    def loss(raw, img_BE, txt_BE):  # as align.train_loss after the towers
-        return align.loss_and_metrics(align._l2_normalise(img_BE), align._l2_normalise(txt_BE),
-                                      align.temperature({"temperature": raw}, cfg), recipe.label_smoothing, "data",
-                                      img_norm_B=jnp.linalg.norm(img_BE, axis=-1), txt_norm_B=jnp.linalg.norm(txt_BE, axis=-1))[0]
+    def loss(raw, img_BE, txt_BE):
+        return align.features_loss(img_BE, txt_BE, align.temperature({"temperature": raw}, cfg),
+                                   recipe.label_smoothing, "data")[0]
 
     def update(params, opt_state, grads):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -220,8 +219,7 @@ def one_step(args, cfg, recipe, model, batch):
            "step_ms": 1e3 * s, "images_per_s": batch * n_dev / s, "gflops_per_device": flops["step"] / 1e9,
            "tflops_per_s": flops["step"] / s / 1e12, "peak_tflops": peak,
            "mfu": flops["step"] / s / (peak * 1e12) if peak else None,
-           "xla_memory_gib": (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-                              - mem.alias_size_in_bytes) / 2**30 if mem else None,
+           "xla_memory_gib": train.step_memory(mem)["total"] / 2**30 if mem else None,
            "step_ms_all": [1e3 * t for t in times["step"]]}
     device_stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in device_stats:

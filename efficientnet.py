@@ -249,19 +249,14 @@ def _batch_norm(x_BHWC, p, s, cfg: Config, train, axis_name):
     return y.astype(x_BHWC.dtype), s
 
 
-def _batch_moments(x_BHWC, axis_name):
+def _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name):
+    """(x - batch mean) / batch std * scale + bias, and the batch's (mean, biased variance)."""
     mean_C = jnp.mean(x_BHWC, axis=(0, 1, 2))
     if axis_name is not None:
         mean_C = jax.lax.pmean(mean_C, axis_name)
     var_C = jnp.mean(jnp.square(x_BHWC - mean_C), axis=(0, 1, 2))
     if axis_name is not None:
         var_C = jax.lax.pmean(var_C, axis_name)
-    return mean_C, var_C
-
-
-def _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name):
-    """(x - batch mean) / batch std * scale + bias, and the batch's (mean, biased variance)."""
-    mean_C, var_C = _batch_moments(x_BHWC, axis_name)
     return (x_BHWC - mean_C) * jax.lax.rsqrt(var_C + eps) * scale_C + bias_C, mean_C, var_C
 
 
@@ -360,14 +355,10 @@ def _tap(xp_BHWC, i, j, stride, H_out, W_out):
     return jax.lax.dynamic_slice(xp_BHWC, (0, i, j, 0), size)[:, ::stride, ::stride]
 
 
-def _out_size(xp_BHWC, K, stride):
-    return (xp_BHWC.shape[1] - K) // stride + 1, (xp_BHWC.shape[2] - K) // stride + 1
-
-
 def _taps_sum(xp_BHWC, w_KKC, stride):
     """sum over taps (i, j) of tap(i, j) * w[i, j]: a depthwise convolution of the already padded input."""
     K = w_KKC.shape[0]
-    H_out, W_out = _out_size(xp_BHWC, K, stride)
+    H_out, W_out = (xp_BHWC.shape[1] - K) // stride + 1, (xp_BHWC.shape[2] - K) // stride + 1
     return sum(_tap(xp_BHWC, i, j, stride, H_out, W_out) * w_KKC[i, j] for i in range(K) for j in range(K))
 
 

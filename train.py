@@ -329,6 +329,16 @@ def _human(n):
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def step_memory(m):
+    """Bytes of a compiled step from XLA's `memory_analysis()`: arguments, outputs, temporaries, total.
+
+    Donated parameters and state are updated in place: those outputs share the arguments' buffers.
+    """
+    outputs = m.output_size_in_bytes - m.alias_size_in_bytes
+    return {"arguments": m.argument_size_in_bytes, "outputs": outputs, "temporaries": m.temp_size_in_bytes,
+            "total": m.argument_size_in_bytes + outputs + m.temp_size_in_bytes}
+
+
 MEMORY_COLUMNS = ["size", "towers", "image", "pairs/device", "dtype", "optimizer", "remat", "parameters",
                   "optimizer state", "BN state", "arguments", "outputs", "temporaries", "total", "compile"]
 
@@ -364,14 +374,11 @@ def memory_report(args):
     m = compiled.memory_analysis()
     if m is None:
         raise UsageError(f"XLA gives no memory analysis on this backend ({jax.default_backend()})")
-    # Donated parameters and state are updated in place: their outputs share the arguments' buffers.
-    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
     row = {"size": cfg.name, "towers": f"{cfg.image.name} + BERT-{cfg.text.name}", "image": S,
            "pairs/device": batch // n_dev, "dtype": recipe.dtype, "optimizer": recipe.optimizer,
            "remat": "yes" if args.remat else "no",
            "parameters": _nbytes(params), "optimizer state": _nbytes(opt_state), "BN state": _nbytes(state),
-           "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes - m.alias_size_in_bytes,
-           "temporaries": m.temp_size_in_bytes, "total": total, "compile": f"{seconds:.0f} s"}
+           **step_memory(m), "compile": f"{seconds:.0f} s"}
     print("| " + " | ".join(MEMORY_COLUMNS) + " |", file=sys.stderr)
     print("| " + " | ".join(_human(v) if isinstance(v, int) and k not in ("image", "pairs/device") else str(v)
                             for k, v in row.items()) + " |")
