@@ -162,7 +162,11 @@ def _is_normal(x):
 
 
 def _conv_init(shape_HWIO):
-    """TF reference `conv_kernel_initializer`: normal with std sqrt(2 / fan_out), fan_out = K*K*out."""
+    """TF reference `conv_kernel_initializer`: normal with std sqrt(2 / fan_out), fan_out = K*K*out.
+
+    A depthwise kernel is ours [K, K, 1, D] but Keras's `DepthwiseConv2D` kernel is [K, K, D, 1] (one
+    output per input channel), so TF's fan_out for it is K*K: pass it in that layout.
+    """
     k_h, k_w, _, out = shape_HWIO
     return _Normal(tuple(shape_HWIO), math.sqrt(2.0 / (k_h * k_w * out)))
 
@@ -183,7 +187,7 @@ def _init_block(b: Block, cfg: Config):
     if b.expand != 1:
         p["expand_conv"] = pointwise(C, D)
         p["expand_bn"], s["expand_bn"] = _bn_init(D), _bn_state(D)
-    p["depthwise_conv"] = _conv_init((b.kernel, b.kernel, 1, D))
+    p["depthwise_conv"] = _conv_init((b.kernel, b.kernel, D, 1))._replace(shape=(b.kernel, b.kernel, 1, D))
     p["depthwise_bn"], s["depthwise_bn"] = _bn_init(D), _bn_state(D)
     p["se_reduce"] = {"kernel": pointwise(D, S), "bias": jnp.zeros((S,))}
     p["se_expand"] = {"kernel": pointwise(S, D), "bias": jnp.zeros((D,))}

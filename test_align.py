@@ -81,7 +81,8 @@ def test_efficientnet_feature_widths_and_depths():
 
 def test_efficientnet_init_gives_each_kernel_its_own_draw_at_its_own_scale():
     """`init` slices one normal draw into every kernel (efficientnet._draw): each gets the TF reference's
-    std sqrt(2 / fan_out), stacked copies of a block are different numbers, BatchNorm starts as identity."""
+    std sqrt(2 / fan_out) (depthwise kernels as Keras shapes them), stacked copies of a block are different
+    numbers, BatchNorm starts as identity."""
     cfg = en.CONFIGS["B0"]
     params, state = jax.tree.map(np.asarray, jax.jit(en.init, static_argnums=1)(jax.random.key(0), cfg))
     kernels = []
@@ -91,7 +92,9 @@ def test_efficientnet_init_gives_each_kernel_its_own_draw_at_its_own_scale():
             assert np.all(w == (1.0 if "bn" in name and name.endswith("['scale']") else 0.0)), name
             continue
         k = w.shape[-4] if w.ndim >= 4 else 1  # [R,] K, K, in, out  or  [R,] in, out
-        std = np.sqrt(2.0 / (k * k * w.shape[-1]))
+        # TF's conv_kernel_initializer: fan_out = K * K * output channels of the Keras kernel. A Keras
+        # DepthwiseConv2D kernel is [K, K, D, 1]: one output per channel, so fan_out = K * K (0.47 for 3x3).
+        std = np.sqrt(2.0 / (k * k * (1 if "depthwise" in name else w.shape[-1])))
         if w.size >= 2000:
             assert abs(float(np.std(w)) / std - 1) < 0.1, (name, float(np.std(w)), std)
         assert abs(float(np.mean(w))) < 4 * std / np.sqrt(w.size) + 1e-7, name
@@ -101,6 +104,9 @@ def test_efficientnet_init_gives_each_kernel_its_own_draw_at_its_own_scale():
     per_block = lambda b: 4 if b.expand == 1 else 5  # (expand,) depthwise, SE reduce, SE expand, project
     n = 1 + sum(per_block(blocks[0]) * min(len(blocks), 2) for blocks in cfg.blocks())  # stem; first, rest
     assert len(kernels) == n == 60 and len(set(kernels)) == n  # no two kernels share their numbers
+    # The number itself, from TF's formula by hand: B0's second stage (3x3, 96 channels) at sqrt(2 / 9).
+    dw = params["stages"][1]["first"]["depthwise_conv"]
+    assert dw.shape == (3, 3, 1, 96) and abs(float(np.std(dw)) - 0.4714) < 0.02
     assert all(np.all(v == 0) or np.all(v == 1) for v in jax.tree.leaves(state))
 
 
