@@ -221,6 +221,7 @@ class Config:
     embed_dim: int
     temperature_init: float = 1.0   # Sec. 5: "The softmax temperature variable is initialized as 1.0"
     learn_temperature: bool = True  # False: Table 8 rows 7-9, a fixed temperature_init
+    image_size: int = 289           # the crop side it is trained at (Sec. 5: 289), and so evaluated at
 
     @property
     def image_projection(self):
@@ -407,12 +408,26 @@ def from_hf(path):
     if not t > MIN_TEMPERATURE:
         raise ValueError(f"{path}: temperature {t} is below MIN_TEMPERATURE={MIN_TEMPERATURE}")
     cfg = Config(hf.get("_name_or_path") or "hf", img_cfg, txt_cfg, embed_dim,
-                 temperature_init=hf.get("temperature_init_value", 1.0))
+                 temperature_init=hf.get("temperature_init_value", 1.0), image_size=_hf_crop_size(path))
     params = {"image": img_params, "text": txt_params,
               "text_projection": {"kernel": np.asarray(weights.take(sd, "text_projection.weight")).T,
                                   "bias": np.asarray(weights.take(sd, "text_projection.bias"))},
               "temperature": np.asarray(learned_temperature_raw(t))}
     return params, state, cfg
+
+
+def _hf_crop_size(path):
+    """The crop side of an HF directory's image processor (`preprocessor_config.json`), else Sec. 5's 289.
+
+    HF's vision `image_size` is EfficientNet's native ImageNet resolution (600 for B7), not the crop that
+    ALIGN's processor makes (kakaobrain/align-base: resize 346, crop 289, as Sec. 5).
+    """
+    processor = os.path.join(path, "preprocessor_config.json") if isinstance(path, str) else ""
+    if not os.path.exists(processor):
+        return 289
+    with open(processor) as f:
+        crop = json.load(f).get("crop_size", 289)
+    return int(crop["height"] if isinstance(crop, dict) else crop)
 
 
 def _hf_square_pad_blocks(cfg: en.Config, image_size):

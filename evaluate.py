@@ -208,6 +208,20 @@ def classification_accuracy(x_QE, class_CE, label_Q, ks=(1, 5), ties="expected",
     return _recalls(stats, ks, ties, name="top{}")
 
 
+def probe_accuracy(x_NE, cand_NVE, true_N, ties="expected"):
+    """Top-1 accuracy in percent when each row picks among V candidates of its own (the true one at true_N):
+    the synthetic data's per-attribute zero-shot probes (`data.attribute_probes`).
+
+    >>> x = np.array([[1., 0.], [0., 1.]]); cand = np.array([[[1., 0.], [0., 1.]], [[1., 0.], [1., 0.]]])
+    >>> probe_accuracy(x, cand, np.array([0, 1]))  # the second row's candidates tie: half a hit
+    75.0
+    """
+    score_NV = np.einsum("ne,nve->nv", x_NE, cand_NVE)
+    true_N1 = np.take_along_axis(score_NV, np.asarray(true_N)[:, None], axis=1)
+    above_N, tied_N = (score_NV > true_N1).sum(1), (score_NV == true_N1).sum(1) - 1
+    return 100.0 * float(np.mean(hit_probability(above_N, tied_N, np.ones_like(above_N), 1, ties)))
+
+
 def knn_recall(query_QE, index_NE, query_label_Q, index_label_N, ks=(1, 5, 10), ties="expected", block=4096):
     """ImageNet KNN (footnote 3, Tables 8-10): Recall@K in percent, a hit when the query's label is
     among the labels of its K nearest index images.
@@ -696,9 +710,19 @@ def _write_json(path, result):
 
 
 def _need_model(args):
+    """The --checkpoint model; also settles --image-size: by default the crop side the model was trained at."""
     if not args.checkpoint:
         raise UsageError("pass --checkpoint (a model directory, a training --out directory or an HF Align directory)")
-    return load_model(args.checkpoint, args.vocab)
+    model = load_model(args.checkpoint, args.vocab)
+    trained = model.cfg.image_size
+    if args.image_size is None:
+        args.image_size = trained
+    elif args.image_size != trained:
+        print(f"evaluate.py: warning: --image-size {args.image_size} differs from the {trained} the model was "
+              "trained at", file=sys.stderr)
+    if getattr(args, "val_image_size", 0) is None:  # linear probe, Sec. 5.3: evaluated at 360 for 289
+        args.val_image_size = round(args.image_size * 360 / 289)
+    return model
 
 
 def _image_embeddings(args, model, paths, order):
@@ -732,7 +756,7 @@ def run_retrieval(args):
     result = retrieval_recalls(img_NE[ok], txt_ME[keep_M], new_index[txt_to_img[keep_M]], ties=args.ties,
                                block=args.block)
     result["info"] = {"images": int(ok.sum()), "captions": int(keep_M.sum()), "split": args.split,
-                      "skipped_images": skipped, "ties": args.ties}
+                      "image_size": args.image_size, "skipped_images": skipped, "ties": args.ties}
     print_table(f"Image-text retrieval, {args.karpathy} split {args.split!r}: {ok.sum()} images, "
                 f"{keep_M.sum()} captions (ALIGN Table 1)",
                 {"image -> text": result["i2t"], "text -> image": result["t2i"]})
@@ -760,7 +784,7 @@ def run_zeroshot(args):
     _same_width(img_NE, class_CE)
     acc = classification_accuracy(img_NE[ok], class_CE, labels[ok], ks=(1, 5), ties=args.ties, block=args.block)
     result = {**acc, "info": {"images": int(ok.sum()), "classes": len(names), "prompts": len(templates),
-                              "skipped_images": skipped, "ties": args.ties}}
+                              "image_size": args.image_size, "skipped_images": skipped, "ties": args.ties}}
     print_table(f"Zero-shot classification, {args.images}: {ok.sum()} images, {len(names)} classes, "
                 f"{len(templates)} prompt{'s' * (len(templates) > 1)} per class (ALIGN Table 4)", {"accuracy": acc})
     return result
@@ -780,7 +804,7 @@ def run_cxc(args):
     txt_ME = embed_text_list(model, captions, batch=args.batch_size, cache=args.cache)
     result = cxc_scores(img_NE, txt_ME, txt_to_img, pairs, args.cxc_threshold, n_boot=args.bootstrap,
                         seed=args.seed, ties=args.ties, block=args.block)
-    result["info"] = {"images": len(paths), "captions": len(captions),
+    result["info"] = {"images": len(paths), "captions": len(captions), "image_size": args.image_size,
                       "pairs": {t: len(p[0]) for t, p in pairs.items()}, "dropped_pairs": dropped,
                       "skipped_images": skipped, "threshold": args.cxc_threshold, "bootstrap": args.bootstrap,
                       "ties": args.ties}
@@ -817,6 +841,7 @@ def run_knn(args):
     val_label = _common_classes(train_dirs, val_dirs, val_label)
     recall = knn_recall(val_QE, train_NE, val_label, train_label, ks=tuple(args.ks), ties=args.ties, block=args.block)
     result = {**recall, "info": {"train_images": len(train_NE), "val_images": len(val_QE), "classes": len(train_dirs),
+                                 "image_size": args.image_size,
                                  "skipped_val_images": skipped, "ties": args.ties}}
     print_table(f"KNN: {len(val_QE)} val images against {len(train_NE)} training images (ALIGN Tables 8-10)",
                 {"ImageNet KNN": recall})
@@ -931,7 +956,7 @@ def run_search(args):
     return {"query": {"text": args.query, "minus": list(args.minus), "image": args.image,
                       "text_weight": args.text_weight, "image_weight": args.image_weight},
             "results": [{"path": p, "score": s} for p, s in hits], "grid": args.grid,
-            "info": {"index_images": len(paths), "skipped_images": skipped}}
+            "info": {"index_images": len(paths), "image_size": args.image_size, "skipped_images": skipped}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -950,7 +975,8 @@ def _parser():
                        help="model directory, training --out directory (newest ckpt_*) or HF Align directory")
         p.add_argument("--vocab", help="vocab.txt (default: the model directory's)")
         p.add_argument("--json", help="write the results here")
-        p.add_argument("--image-size", type=int, default=data.CROP, help="central crop side (Sec. 5: 289 of 346)")
+        p.add_argument("--image-size", type=int,
+                       help="central crop side (default: the size the model was trained at; Sec. 5: 289 of 346)")
         p.add_argument("--batch-size", type=int, default=64, help="rows per embedding batch (split over all devices)")
         p.add_argument("--workers", type=int, default=8, help="threads decoding images")
         p.add_argument("--cache", default=default_cache, help="embedding cache folder (default %(default)s)")
@@ -995,7 +1021,8 @@ def _parser():
     p = command("linear-probe", run_linear_probe, "linear classifier on frozen features (Sec. 5.3, Table 5)")
     p.add_argument("--train", required=True)
     p.add_argument("--val", required=True)
-    p.add_argument("--val-image-size", type=int, default=360, help="Sec. 5.3: train/eval resolution 289/360")
+    p.add_argument("--val-image-size", type=int,
+                   help="default: 360/289 x --image-size (Sec. 5.3: train/eval resolution 289/360)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--probe-batch-size", type=int, default=1024)
     p.add_argument("--lr", type=float, default=0.1)

@@ -232,7 +232,7 @@ def tiny_checkpoint(path):
     with open(vocab) as f:
         vocab_size = sum(1 for _ in f)
     tiny = align.SIZES["tiny"]
-    cfg = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, vocab_size=vocab_size))
+    cfg = dataclasses.replace(tiny, text=dataclasses.replace(tiny.text, vocab_size=vocab_size), image_size=SIZE)
     shapes = jax.eval_shape(lambda: align.init(jax.random.key(0), cfg))
     rng = np.random.default_rng(0)
 
@@ -310,8 +310,7 @@ def files(tmp_path_factory):
 
 def run(files, *argv):
     out = str(files["root"] / f"{argv[0]}-{abs(hash(argv))}.json")
-    result = evaluate.main([*argv, "--json", out, "--cache", files["cache"], "--image-size", str(SIZE),
-                            "--batch-size", "4"])
+    result = evaluate.main([*argv, "--json", out, "--cache", files["cache"], "--batch-size", "4"])
     with open(out) as f:
         assert json.load(f) == json.loads(json.dumps(result))
     return result
@@ -370,6 +369,7 @@ def test_zeroshot_cli(files, tmp_path):
     r = run(files, "zeroshot", "--checkpoint", files["model"], "--images", folder)
     assert set(r) == {"top1", "top5", "info"} and 0 <= r["top1"] <= r["top5"] == 100.0  # 3 classes
     assert r["info"]["prompts"] == 80 and r["info"]["classes"] == 3 and r["info"]["images"] == 6
+    assert r["info"]["image_size"] == SIZE  # the size the checkpoint records, with no --image-size
     single = run(files, "zeroshot", "--checkpoint", files["model"], "--images", folder, "--single-prompt")
     assert single["info"]["prompts"] == 1 and 0 <= single["top1"] <= 100
     # saved embeddings: [C, T, E] prompts are ensembled; images in sorted class folder order (blue, green, red)
@@ -378,6 +378,17 @@ def test_zeroshot_cli(files, tmp_path):
     r = run(files, "zeroshot", "--images", folder, "--image-embeddings", str(tmp_path / "img.npy"),
             "--text-embeddings", str(tmp_path / "txt.npy"))
     assert r["top1"] == 100.0
+
+
+def test_image_size_other_than_the_trained_one_warns(files, capsys):
+    """--image-size overrides the checkpoint's training resolution, with a one-line warning."""
+    folder = str(files["root"] / "classes" / "val")
+    r = run(files, "zeroshot", "--checkpoint", files["model"], "--images", folder, "--image-size", "36")
+    err = capsys.readouterr().err
+    assert r["info"]["image_size"] == 36
+    assert f"--image-size 36 differs from the {SIZE} the model was trained at" in err
+    run(files, "zeroshot", "--checkpoint", files["model"], "--images", folder, "--image-size", str(SIZE))
+    assert "differs" not in capsys.readouterr().err
 
 
 def test_cxc_cli(files):
@@ -401,10 +412,11 @@ def test_knn_cli(files):
 
 def test_linear_probe_cli(files):
     r = run(files, "linear-probe", "--checkpoint", files["model"], "--train", str(files["root"] / "classes" / "train"),
-            "--val", str(files["root"] / "classes" / "val"), "--val-image-size", "36", "--epochs", "3",
-            "--probe-batch-size", "4")
+            "--val", str(files["root"] / "classes" / "val"), "--epochs", "3", "--probe-batch-size", "4")
     assert set(r) == {"top1", "top5", "info"} and 0 <= r["top1"] <= r["top5"] == 100.0
-    assert r["info"]["features"] == align.SIZES["tiny"].image.features and r["info"]["val_size"] == 36
+    assert r["info"]["features"] == align.SIZES["tiny"].image.features
+    # Sec. 5.3 trains the probe at 289 and evaluates at 360: scaled to the trained 32, 40
+    assert (r["info"]["train_size"], r["info"]["val_size"]) == (SIZE, 40)
 
 
 def test_search_cli_writes_the_grid(files):
