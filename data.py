@@ -341,6 +341,35 @@ def synthetic_example(seed: int, index: int, resize: int, split: int = 0) -> tup
     return np.clip(np.asarray(img) + noise, 0, 255).astype(np.uint8), caption
 
 
+# What a synthetic group can vary in (`attribute_probes`): its field in the group tuple (count, size, colour,
+# shape, place) of `_synthetic_scene`, and the values it takes.
+SYN_ATTRIBUTES = {'colour': (2, tuple(SYN_COLOURS)), 'shape': (3, SYN_SHAPES), 'count': (0, (1, 2, 3)),
+                  'size': (1, tuple(SYN_SIZES)), 'position': (4, tuple(SYN_REGIONS))}
+
+
+def describe_group(count: int, size: str, colour: str, shape: str, place: str) -> str:
+    """One group's plain caption, every attribute named: 'two small red circles on the left'."""
+    return f"{('a', 'two', 'three')[count - 1]} {size} {colour} {shape}{'s' * (count > 1)} {SYN_WHERE[place][0]}"
+
+
+def attribute_probes(count: int = SYNTHETIC_EVAL_SIZE, seed: int = 0, split: int = 1) -> dict:
+    """Zero-shot probes of each attribute on the held-out scenes of one group (about half of them).
+
+    For each attribute, each such scene gets one caption per value of that attribute, the others kept
+    true ('a small red circle on the left' against '... green circle ...', '... blue circle ...'): a model
+    that knows colour picks the true one among 8, whatever else it knows. Returns {attribute: (image
+    indices [N], captions [N][V], index of the true caption [N])}; the indices are those of
+    `synthetic_example(seed, index, ..., split)` and of the `synthetic:count` evaluation stream.
+    """
+    probes = {}
+    scenes = [(i, _synthetic_scene(np.random.default_rng([seed, split, i]))[0]) for i in range(count)]
+    scenes = [(i, groups[0]) for i, groups in scenes if len(groups) == 1]
+    for a, (field, values) in SYN_ATTRIBUTES.items():
+        captions = [[describe_group(*g[:field], v, *g[field + 1:]) for v in values] for _, g in scenes]
+        probes[a] = ([i for i, _ in scenes], captions, [values.index(g[field]) for _, g in scenes])
+    return probes
+
+
 def write_synthetic(out: str, count: int, split: int = 1, size: int = RESIZE, seed: int = 0) -> str:
     """Writes samples 0..count-1 of a split as OUT/000000.png ... and OUT/pairs.tsv (path<TAB>caption).
 

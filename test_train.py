@@ -128,6 +128,26 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     assert all(np.isfinite(r["loss"]) or r["finite"] == 0.0 for r in rows)
 
 
+def test_table8_flags_reach_the_step_and_real_data_skips_the_synthetic_evaluation(tmp_path, capsys):
+    """--fixed-temperature and --negatives-fraction (Table 8 rows 5-9) reach the loss: at a temperature of
+    100 every logit is within 0.01 of 0, so the loss is 2 ln K, K the candidates per row (8 of the 16
+    pairs at fraction 0.5, not 16). Data that is not synthetic and no --eval-data: no held-out scoring."""
+    pairs = os.path.join(data.write_synthetic(str(tmp_path / "pairs"), 16, size=39), "pairs.tsv")
+    out = str(tmp_path / "run")
+    assert train.main(TINY + ["--data", pairs, "--steps", "1", "--out", out, "--fixed-temperature", "100",
+                              "--negatives-fraction", "0.5"]) == 0
+    row = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
+    assert row["temperature"] == 100.0
+    assert abs(row["loss"] - 2 * np.log(8)) < 0.02, row["loss"]  # 2 ln 16 = 5.55 with every negative
+    assert "no held-out evaluation: --data" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "retrieval.json"))
+    params, _, cfg = align.load(out)
+    assert not cfg.learn_temperature and cfg.temperature_init == 100.0 and "temperature" not in params
+    assert cfg.image_size == 32  # recorded for evaluate.py
+    assert train.main(TINY + ["--out", out, "--negatives-fraction", "0.3"]) == 2
+    assert "must split the batch of 16" in capsys.readouterr().err
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     out, log = str(tmp_path / "run"), str(tmp_path / "log")
     p = _spawn(TINY + ["--steps", "40", "--ckpt-every", "1000", "--out", out, "--skip-final-eval"], log)
@@ -165,9 +185,17 @@ def test_two_processes_train_as_one(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    # Gloo's cross-process reductions add in another order than the in-process ones: float32 rounding,
-    # far below 1e-5 in the losses after three steps.
-    np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+    # Gloo's cross-process reductions add in another order than the in-process ones: float32 rounding.
+    # The first two losses come from identical parameters (the first update has learning rate 0) and
+    # agree far below 1e-5. The third comes after an update, and its parameters differ at rounding level
+    # (below): in this setting (2 pairs per device, BatchNorm statistics per device over 2 numbers per
+    # channel in the last stages' 1x1 maps), training-mode BatchNorm subtracts nearly equal numbers, and
+    # the loss moves by 4e-4 (7e-5 relative) when only six biases are swapped between the two runs'
+    # step-2 checkpoints, biases whose gradient is zero (a following BatchNorm removes them) and that Adam
+    # therefore moves by +-lr in a direction rounding decides (measured with depthwise kernels at TF's
+    # scale; at the older, sqrt(D) smaller scale the same loss agreed to 1e-5).
+    np.testing.assert_allclose(_losses(two)[:2], _losses(one)[:2], rtol=1e-5)
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=2e-4)
     assert sorted(d for d in os.listdir(two) if "ckpt" in d) == ["ckpt_000000002", "ckpt_000000003"]
     # The parameters cannot be compared as tightly: Adam divides each gradient by its own magnitude, so a
     # parameter whose gradient is at rounding level (a BatchNorm bias, say) still moves by about the

@@ -14,9 +14,10 @@ vocab) plus the optimizer state and `train_state.json` (step, data position, cou
 written under a temporary name and renamed into place, so a kill never leaves a half-written one; the
 last `--keep` are kept; the same command started again resumes from the newest.
 
-Deviations from the paper's recipe:
-- The temperature is updated by Adam, not LAMB: LAMB scales a parameter's step by its norm, and our
-  log-temperature starts at ~0, so LAMB would freeze it (align.py explains the parametrisation).
+Deviations from the paper's recipe, and details it leaves open:
+- LAMB's trust ratio applies only to the parameters that get weight decay (matrices, kernels, embedding
+  tables), as in TF Model Garden's and timm's LAMB; biases, BatchNorm/LayerNorm parameters and the
+  log-temperature take Adam's step. The paper names LAMB and nothing finer.
 - BatchNorm running averages are averaged over devices after each step, so the state stays replicated
   (the batch statistics used in the forward pass stay per device, as on the paper's TPUs).
 """
@@ -39,6 +40,7 @@ import align
 import bert
 import data
 import efficientnet as en
+import evaluate
 import weights
 
 P = jax.sharding.PartitionSpec
@@ -54,6 +56,7 @@ class Recipe:
     weight_decay: float = 1e-5       # Sec. 5: LAMB with weight decay ratio 1e-5
     label_smoothing: float = 0.1     # Sec. 5
     temperature_init: float = 1.0    # Sec. 5
+    negatives_fraction: float = 1.0  # Table 8 rows 5-6: score each pair against only this share of the batch
     image_size: int = 289            # Sec. 5: 346 resize, 289 crop
     dtype: str = "bfloat16"
     optimizer: str = "lamb"          # Sec. 5: LAMB (You et al. 2020); "adamw" for short small-batch runs
@@ -100,6 +103,8 @@ def parse_args(argv=None):
     for field in dataclasses.fields(Recipe):
         ap.add_argument("--" + field.name.replace("_", "-"), type=field.type if field.type != "str" else str,
                         help="default: the size's recipe")
+    ap.add_argument("--fixed-temperature", type=float,
+                    help="a fixed softmax temperature instead of a learned one (Table 8 rows 7-9: 1/128, 1/64, 1/32)")
     ap.add_argument("--data", default="synthetic", help="tar shards (brace/glob/list), a TSV/CSV, or synthetic")
     ap.add_argument("--eval-data", help="held-out data for retrieval (default: synthetic's held-out split)")
     ap.add_argument("--vocab", help="WordPiece vocab.txt (default: the synthetic data's vocabulary)")
@@ -146,7 +151,16 @@ def resolve(args):
         if args.text_tower not in bert.CONFIGS:
             raise UsageError(f"unknown --text-tower {args.text_tower!r}; choose one of {list(bert.CONFIGS)}")
         cfg = dataclasses.replace(cfg, text=bert.CONFIGS[args.text_tower])
+    f, n = recipe.negatives_fraction, recipe.batch_size
+    if not (0 < f <= 1 and abs(round(f * n) - f * n) < 1e-6 and n % round(f * n) == 0):
+        raise UsageError(f"--negatives-fraction {f} must split the batch of {n} into equal groups (e.g. 0.5, 0.25)")
+    if args.fixed_temperature is not None:
+        if not args.fixed_temperature > 0:
+            raise UsageError(f"--fixed-temperature {args.fixed_temperature} must be positive (Table 8: 1/128 = 0.0078125)")
+        recipe = dataclasses.replace(recipe, temperature_init=args.fixed_temperature)
+    cfg = dataclasses.replace(cfg, learn_temperature=args.fixed_temperature is None)
     cfg = dataclasses.replace(cfg, embed_dim=args.embed_dim or cfg.embed_dim, temperature_init=recipe.temperature_init,
+                              image_size=recipe.image_size,
                               image=dataclasses.replace(cfg.image, dtype=recipe.dtype, remat=args.remat),
                               text=dataclasses.replace(cfg.text, dtype=recipe.dtype, remat=args.remat))
     return cfg, recipe
@@ -162,39 +176,53 @@ def _is_stacked(path):
     return "rest" in names or names[:2] == ["text", "layers"]
 
 
-def scale_by_layer_trust_ratio():
-    """LAMB's trust ratio |w| / |u| (You et al. 2020), one per layer.
+def decay_mask(params):
+    """True for the leaves that get weight decay and LAMB's trust ratio: weight matrices, conv kernels and
+    embedding tables; False for biases, BatchNorm/LayerNorm parameters and the temperature.
 
-    optax computes it per leaf, but our scanned blocks and BERT layers are stacked on a leading axis:
-    those leaves get one ratio per slice of that axis, as separate layers would.
+    A leaf's rank tells them apart, counting a stacked leaf's layer axis out: matrices and kernels have
+    two or more axes, the rest are vectors or scalars.
+    """
+    return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim - _is_stacked(path) >= 2, params)
+
+
+def scale_by_layer_trust_ratio(mask):
+    """LAMB's trust ratio |w| / |u| (You et al. 2020, Algorithm 2), one per layer, on `mask`'s leaves only.
+
+    The other leaves keep the plain Adam step, as TF Model Garden's LAMB (`exclude_from_layer_adaptation`
+    defaults to the weight-decay exclusions) and timm's (`always_adapt=False`) do: a bias or a BatchNorm
+    offset starts at 0, and a step proportional to its norm would leave it there, growing by (1 + lr) per
+    step from rounding. optax computes the ratio per leaf, but our scanned blocks and BERT layers are
+    stacked on a leading axis: those leaves get one ratio per slice of that axis, as separate layers would.
     """
     def update(updates, state, params):
-        def one(path, u, p):
+        def one(path, u, p, adapt):
+            if not adapt:
+                return u
             axes = tuple(range(1, u.ndim)) if _is_stacked(path) else None
             p_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=axes, keepdims=True))
             u_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=True))
             return u * jnp.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
-        return jax.tree_util.tree_map_with_path(one, updates, params), state
+        return jax.tree_util.tree_map_with_path(one, updates, params, mask(params)), state
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(recipe: Recipe, params):
-    """LAMB (or AdamW) with weight decay on weight matrices only, warm-up then linear decay (Sec. 5)."""
+    """LAMB (or AdamW) with weight decay on weight matrices only, warm-up then linear decay (Sec. 5).
+
+    Returns (optimizer, learning-rate schedule). `params` is unused beyond its structure: the masks are
+    functions of the tree, so the optimizer applies to any tree of the same shape.
+    """
+    del params
     lr = optax.join_schedules([optax.linear_schedule(0.0, recipe.lr, max(recipe.warmup_steps, 1)),
                                optax.linear_schedule(recipe.lr, 0.0, max(recipe.steps - recipe.warmup_steps, 1))],
                               [recipe.warmup_steps])
-    # No decay on BatchNorm/LayerNorm scales, biases or the temperature. A leaf's rank tells them apart,
-    # counting a stacked leaf's layer axis out: matrices and conv kernels decay, vectors do not.
-    decay = lambda p: jax.tree_util.tree_map_with_path(lambda path, x: x.ndim - _is_stacked(path) >= 2, p)
-    # optax.lamb's own chain (Adam moments, decoupled weight decay, trust ratio, learning rate), with
-    # the per-layer trust ratio above.
-    if recipe.optimizer == "lamb":
-        main = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6), optax.add_decayed_weights(recipe.weight_decay, decay),
-                           scale_by_layer_trust_ratio(), optax.scale_by_learning_rate(lr))
-    else:  # the same without the trust ratio: AdamW's step is absolute, not relative to each layer's norm
-        main = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=recipe.weight_decay, mask=decay)
-    labels = {k: ("temperature" if k == "temperature" else "main") for k in params}
-    return optax.multi_transform({"main": main, "temperature": optax.adam(lr)}, labels), lr
+    if recipe.optimizer == "lamb":  # optax.lamb's chain with the masked, per-layer trust ratio above
+        return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
+                           optax.add_decayed_weights(recipe.weight_decay, decay_mask),
+                           scale_by_layer_trust_ratio(decay_mask), optax.scale_by_learning_rate(lr)), lr
+    # The same without the trust ratio: AdamW's step is absolute, not relative to each layer's norm.
+    return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=recipe.weight_decay, mask=decay_mask), lr
 
 
 def make_step(cfg, recipe, optimizer, mesh, bn_across):
@@ -205,7 +233,7 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across):
         rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))  # stochastic depth differs per device
         (loss, (metrics, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
             params, state, pixels, ids, mask, cfg, rng, axis_name="data", bn_axis_name=bn_axis,
-            label_smoothing=recipe.label_smoothing)
+            label_smoothing=recipe.label_smoothing, negatives_fraction=recipe.negatives_fraction)
         grads = jax.lax.pmean(grads, "data")  # align.contrastive_loss's contract: pmean, never psum
         new_state = jax.lax.pmean(new_state, "data")  # keep BatchNorm's running averages replicated
         finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -292,7 +320,13 @@ def load_checkpoint(path, cfg, optimizer):
         raise UsageError(f"{path} holds a {saved_cfg.name} model ({saved_cfg.image.name} + BERT-{saved_cfg.text.name}, "
                          f"{saved_cfg.embed_dim}-d), not the one asked for; use a new --out or the same --size")
     opt_template = jax.eval_shape(optimizer.init, params)
-    opt_state = weights.flat_to_tree(weights.read_safetensors(os.path.join(path, "optimizer.safetensors")), opt_template)
+    try:
+        opt_state = weights.flat_to_tree(weights.read_safetensors(os.path.join(path, "optimizer.safetensors")),
+                                         opt_template)
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"{path}: its optimizer state does not fit this optimizer ({str(e).splitlines()[0][:120]}); "
+                         f"it was written with another --optimizer or an older train.py: use a new --out, "
+                         f"with --init {path} to start from its weights")
     with open(os.path.join(path, "train_state.json")) as f:
         return params, state, opt_state, json.load(f)
 
@@ -301,20 +335,57 @@ def load_checkpoint(path, cfg, optimizer):
 # Evaluation
 
 
-def heldout_retrieval(params, state, cfg, tokenizer, eval_data, image_size, batch=64):
-    """R@1/5/10 in both directions on held-out pairs (one caption per image)."""
-    import evaluate  # only here: train.py does not need evaluation's dependencies otherwise
-    embed_img = jax.jit(align.embed_images, static_argnames="cfg")
-    embed_txt = jax.jit(align.embed_texts, static_argnames="cfg")
+# Compiled once per process for each batch shape: held-out scoring and the attribute probes share them.
+_embed_images = jax.jit(align.embed_images, static_argnames="cfg")
+_embed_texts = jax.jit(align.embed_texts, static_argnames="cfg")
+
+
+def heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size, batch=64):
+    """(img_NE, txt_NE): embeddings of the held-out pairs, in order, one caption per image."""
     imgs, txts = [], []
     loader = data.make_loader(eval_data, tokenizer=tokenizer, global_batch=batch, image_size=image_size,
                               train=False, max_len=cfg.text.max_len, workers=0)
     for b in loader:
         v = b["valid"]
-        imgs.append(np.asarray(embed_img(params, state, b["pixels"], cfg=cfg))[v])
-        txts.append(np.asarray(embed_txt(params, b["ids"], b["mask"], cfg=cfg))[v])
-    img_NE, txt_NE = np.concatenate(imgs), np.concatenate(txts)
-    return evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(len(txt_NE))), len(img_NE)
+        imgs.append(np.asarray(_embed_images(params, state, b["pixels"], cfg=cfg))[v])
+        txts.append(np.asarray(_embed_texts(params, b["ids"], b["mask"], cfg=cfg))[v])
+    return np.concatenate(imgs), np.concatenate(txts)
+
+
+def attribute_accuracy(params, cfg, tokenizer, img_NE, batch=64):
+    """What the model learned of each attribute of the synthetic scenes: zero-shot top-1 accuracy in
+    percent on the held-out scenes of one group (`data.attribute_probes`), and chance."""
+    probes = data.attribute_probes(len(img_NE))
+    texts = sorted({c for _, captions, _ in probes.values() for row in captions for c in row})
+    ids, mask = tokenizer.encode(texts + [""] * (-len(texts) % batch), cfg.text.max_len)  # whole batches
+    txt_TE = np.concatenate([_embed_texts(params, ids[i:i + batch], mask[i:i + batch], cfg=cfg)
+                             for i in range(0, len(ids), batch)])
+    row = {t: i for i, t in enumerate(texts)}
+    table = {}
+    for attribute, (index, captions, true) in probes.items():
+        cand_NVE = txt_TE[[[row[c] for c in r] for r in captions]]
+        table[attribute] = {"accuracy": evaluate.probe_accuracy(img_NE[index], cand_NVE, np.array(true)),
+                            "chance": 100.0 / len(captions[0]), "images": len(index)}
+    return table
+
+
+def final_evaluation(params, state, cfg, tokenizer, eval_data, image_size):
+    """Held-out retrieval R@1/5/10 both ways (Sec. 5.1's protocol), and per attribute on synthetic data."""
+    t0 = time.perf_counter()
+    img_NE, txt_NE = heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size)
+    n = len(img_NE)
+    r = evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(n))
+    print(f"held-out retrieval on {n} pairs ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
+    for name, key in (("image->text", "i2t"), ("text->image", "t2i")):
+        print(f"  {name} R@1 {r[key]['R@1']:.1f}  R@5 {r[key]['R@5']:.1f}  R@10 {r[key]['R@10']:.1f}")
+    result = {"pairs": n, **r}
+    if eval_data.startswith("synthetic"):
+        result["attributes"] = attribute_accuracy(params, cfg, tokenizer, img_NE)
+        print(f"zero-shot accuracy per attribute, on the {result['attributes']['colour']['images']} held-out scenes "
+              "of one group (the true caption against the same caption with that attribute changed):")
+        for attribute, row in result["attributes"].items():
+            print(f"  {attribute:<9} {row['accuracy']:5.1f}%   (chance {row['chance']:.1f}%)")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,7 +504,7 @@ def train(args):
         if init_cfg.text.vocab_size != cfg.text.vocab_size:
             raise UsageError(f"--init {args.init} has a {init_cfg.text.vocab_size}-word vocabulary but --vocab has "
                              f"{cfg.text.vocab_size}; pass the vocab.txt that came with it")
-        cfg = dataclasses.replace(init_cfg, image=dataclasses.replace(init_cfg.image, dtype=cfg.image.dtype, remat=cfg.image.remat),
+        cfg = dataclasses.replace(init_cfg, image_size=cfg.image_size, image=dataclasses.replace(init_cfg.image, dtype=cfg.image.dtype, remat=cfg.image.remat),
                                   text=dataclasses.replace(init_cfg.text, dtype=cfg.text.dtype, remat=cfg.text.remat))
     if not resume:
         opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
@@ -447,6 +518,8 @@ def train(args):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(resolved, f, indent=1)
 
+    # Held-out pairs: --eval-data, or synthetic data's held-out split when training on synthetic data.
+    eval_data = args.eval_data or ("synthetic" if args.data.startswith("synthetic") else None)
     workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 1) - 1)
     loader = data.make_loader(args.data, tokenizer=tokenizer, global_batch=recipe.batch_size,
                               image_size=recipe.image_size, train=True, seed=args.seed, process_index=p_id,
@@ -516,9 +589,11 @@ def train(args):
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
-        if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and p_id == 0:
-            r, n = heldout_retrieval(local(params), local(state), cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
-            bar.write(f"step {step + 1}: held-out retrieval ({n} pairs) i2t R@1 {r['i2t']['R@1']:.1f}  t2i R@1 {r['t2i']['R@1']:.1f}")
+        if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and p_id == 0 and eval_data:
+            img_NE, txt_NE = heldout_embeddings(local(params), local(state), cfg, tokenizer, eval_data, recipe.image_size)
+            r = evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
+            bar.write(f"step {step + 1}: held-out retrieval ({len(img_NE)} pairs) i2t R@1 {r['i2t']['R@1']:.1f}  "
+                      f"t2i R@1 {r['t2i']['R@1']:.1f}")
         if args.stop_after == step + 1:
             stop["signal"] = "--stop-after"
         if p_count > 1 and any_process(stop["signal"] is not None) and not stop["signal"]:
@@ -535,14 +610,12 @@ def train(args):
     if train_state["step"] % recipe.ckpt_every:
         checkpoint()
     loader.close()
-    if p_id == 0 and not args.skip_final_eval:
-        t0 = time.perf_counter()
-        r, n = heldout_retrieval(local(params), local(state), cfg, tokenizer, args.eval_data or "synthetic", recipe.image_size)
-        print(f"held-out retrieval on {n} pairs ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
-        print(f"  image->text R@1 {r['i2t']['R@1']:.1f}  R@5 {r['i2t']['R@5']:.1f}  R@10 {r['i2t']['R@10']:.1f}")
-        print(f"  text->image R@1 {r['t2i']['R@1']:.1f}  R@5 {r['t2i']['R@5']:.1f}  R@10 {r['t2i']['R@10']:.1f}")
+    if p_id == 0 and not args.skip_final_eval and not eval_data:
+        print(f"no held-out evaluation: --data {args.data} is not synthetic and no --eval-data was given")
+    elif p_id == 0 and not args.skip_final_eval:
+        result = final_evaluation(local(params), local(state), cfg, tokenizer, eval_data, recipe.image_size)
         with open(os.path.join(args.out, "retrieval.json"), "w") as f:
-            json.dump({"step": train_state["step"], "pairs": n, **r}, f)
+            json.dump({"step": train_state["step"], **result}, f)
     return 0
 
 
