@@ -455,6 +455,11 @@ def to_hf(params, state, cfg: Config, path, image_size=None):
     if cfg.image_projection:
         raise ValueError(f"HF's AlignModel has no image projection: embed_dim {cfg.embed_dim} must equal the "
                          f"image features ({cfg.image.features})")
+    first_skips = [stage[0].index for stage in cfg.image.blocks() if stage[0].skip]
+    if first_skips:  # HF's port never gives a stage's first block a skip, and its config cannot say so
+        raise ValueError(f"blocks {first_skips} are the first of their stage and have a skip connection (TF's "
+                         "rule), which HF's EfficientNet cannot express; use an image config with "
+                         "skip_first_blocks=False")
     image_size = image_size or 288
     if cfg.image.padding == "hf":
         square = list(cfg.image.hf_square_pad_blocks)
