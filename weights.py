@@ -138,7 +138,10 @@ def flat_to_tree(flat, template):
     leaves = []
     for path, like in paths:
         name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        a = take(flat, name)
+        if name not in flat:
+            raise ValueError(f"the checkpoint has no tensor {name!r}, which the model expects: "
+                             "was it saved from another size?")
+        a = flat[name]
         if tuple(a.shape) != tuple(like.shape):
             raise ValueError(f"tensor {name!r} has shape {tuple(a.shape)}, the model expects {tuple(like.shape)}: "
                              "was it saved from another size?")
