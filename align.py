@@ -240,8 +240,11 @@ SIZES = {
     "B3": Config("B3", en.CONFIGS["B3"], bert.CONFIGS["Mini"], 640),
     # Figure 3's smallest pair: B1 + BERT-Mini, projected to 640.
     "B1": Config("B1", en.CONFIGS["B1"], bert.CONFIGS["Mini"], 640),
-    # Made up for CPUs and tests; the text vocabulary is set from the tokenizer by train.py.
-    "tiny": Config("tiny", en.CONFIGS["tiny"], bert.CONFIGS["Tiny"], 64),
+    # Made up for CPUs and tests (README, "Training"); the text vocabulary is set from the tokenizer by
+    # train.py. Embeddings as wide as the image features, as L2 and B7, so HF's AlignModel can hold it; no
+    # stochastic depth in runs of a few hundred steps; 24 tokens hold every synthetic caption (at most 22).
+    "tiny": Config("tiny", dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0),
+                   dataclasses.replace(bert.CONFIGS["Tiny"], max_len=24), en.CONFIGS["tiny"].features, image_size=32),
 }
 
 

@@ -452,7 +452,7 @@ def test_align_sizes_and_embeddings():
     img = align.embed_images(params, state, _images(0, 3, 32), cfg)
     txt = align.embed_texts(params, jnp.ones((3, 8), jnp.int32), jnp.ones((3, 8), jnp.int32), cfg)
     for e in (img, txt):
-        assert e.shape == (3, 64) and e.dtype == jnp.float32
+        assert e.shape == (3, cfg.embed_dim) and e.dtype == jnp.float32
         np.testing.assert_allclose(jnp.linalg.norm(e, axis=-1), 1.0, rtol=1e-5)
     fixed = dataclasses.replace(cfg, learn_temperature=False, temperature_init=1 / 64)  # Table 8 rows 7-9
     p_fixed, _ = align.init(jax.random.key(0), fixed)
@@ -559,7 +559,7 @@ def test_align_to_hf_round_trips(tmp_path):
 def test_our_model_in_hf_gives_our_embeddings(tmp_path):
     """Our "SAME"-padded model, written for an even size where some stride-2 inputs are odd (36: 18, 9, 5)."""
     torch, transformers = _torch()
-    image = dataclasses.replace(en.CONFIGS["tiny"], skip_first_blocks=False)  # as HF's port (see to_hf)
+    image = dataclasses.replace(en.CONFIGS["tiny"], width=0.25, skip_first_blocks=False)  # see to_hf
     cfg = align.Config("t", image, dataclasses.replace(bert.CONFIGS["Tiny"], vocab_size=90, max_len=16), 80)
     params, state = align.init(jax.random.key(0), cfg)
     params["image"], state = _randomise_bn(params["image"], state)
@@ -573,10 +573,11 @@ def test_our_model_in_hf_gives_our_embeddings(tmp_path):
                                out.text_embeds.numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="odd"):
         align.to_hf(params, state, cfg, str(tmp_path / "odd"), image_size=289)
-    # TF's rule gives tiny's first block (stride 1, 8 -> 8 channels) a skip that HF cannot express: refused
-    # (written anyway, HF's embeddings were 0.33 from ours).
+    # At width 0.25 TF's rule gives the first block (stride 1, 8 -> 8 channels) a skip that HF cannot
+    # express: refused (written anyway, HF's embeddings were 0.33 from ours).
+    skip = dataclasses.replace(cfg, image=dataclasses.replace(image, skip_first_blocks=True))
     with pytest.raises(ValueError, match="skip_first_blocks=False"):
-        align.to_hf(params, state, dataclasses.replace(cfg, image=en.CONFIGS["tiny"]), str(tmp_path / "skip"), 36)
+        align.to_hf(params, state, skip, str(tmp_path / "skip"), 36)
 
 
 def test_pickled_checkpoints_are_refused(tmp_path):

@@ -203,8 +203,12 @@ def test_two_processes_train_as_one(tmp_path):
     # 6e-5): two runs can differ by twice that.
     a, b = _params(os.path.join(two, "ckpt_000000003")), _params(os.path.join(one, "ckpt_000000003"))
     assert a.keys() == b.keys()
+    # BatchNorm's running statistics follow those parameters through the activations: a last-stage
+    # variance averages the batch variance of 2 numbers per channel, which moved by up to 6e-4 relative
+    # (measured, width 0.5; they agreed to 2e-4 absolute at width 0.25 and 64x64).
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=2e-4, err_msg=k)
+        tolerance = dict(rtol=2e-3, atol=2e-4) if k.startswith("state/") else dict(rtol=1e-5, atol=2e-4)
+        np.testing.assert_allclose(a[k], b[k], **tolerance, err_msg=k)
     saved = json.load(open(os.path.join(two, "ckpt_000000003", "train_state.json")))
     assert saved["step"] == 3 and len(saved["data"]) == 2  # each process's loader position
 
