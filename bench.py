@@ -5,6 +5,7 @@
     python bench.py data                                        # the input pipeline on 500x375 JPEG shards
     python bench.py retrieval --n 1000 10000                    # blocked Recall@K, N images x 5N captions
     python bench.py towers --size L2 --batch 1                  # both towers' forward + backward alone
+    python bench.py learn                                       # python train.py's run, ours and HF's, scored
 
 `step`: train.py's jitted data-parallel step (both towers, the global-batch loss, the gradient pmean, LAMB)
   on one `data` mesh over every device: compile time, the median of synchronised steps after warm-up,
@@ -19,6 +20,14 @@
 `data`: data.make_loader's training pipeline (tar read, JPEG decode, resize, crop, flip, tokenize).
 `retrieval`: evaluate.retrieval_recalls (both directions, blocked) with its peak memory.
 `towers`: compile and step time of both towers' forward + backward, without loss or optimizer.
+`learn`: `python train.py`'s run (tiny, its recipe, synthetic data; `--steps` etc. as train.py's) twice from
+  the same initial weights on the same batches: train.make_step + make_optimizer, and HF's AlignModel
+  (align.to_hf) under torch.optim.AdamW with the same schedule, betas, eps and weight-decay mask, dropout off,
+  our BatchNorm momentum, our temperature parametrisation and 2x HF's loss (test_train_parity.py proves 20
+  such steps equal). Each is timed (ours: compile apart) and scored in evaluation mode on the 1000 held-out
+  pairs as train.final_evaluation does: retrieval R@1/5/10 both ways, zero-shot accuracy per attribute.
+  Left different: torch's running variance is the unbiased one (x n/(n-1), n = batch x H x W per channel);
+  on several devices our BatchNorm statistics are per device (train.py's default), HF's over the batch.
 
 FLOPs are XLA's cost analysis of the computation traced with every `lax.scan` unrolled: on the compiled
 step XLA counts a scan body once (the test shows it), which would undercount our scanned blocks and
@@ -27,10 +36,12 @@ layers by their number. They are per device, counted without remat, elementwise 
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 import tracemalloc
 
@@ -79,13 +90,16 @@ def model_flops(fn, *args):
     return lowered.cost_analysis()["flops"]
 
 
-def print_table(rows, columns):
+def print_table(rows, columns, markdown=False):
     """columns: (header, key, format) triples; a missing or None value prints as n/a."""
     cell = lambda r, k, f: "n/a" if r.get(k) is None else (f.format(r[k]) if f else str(r[k]))
     table = [[h for h, _, _ in columns]] + [[cell(r, k, f) for _, k, f in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    if markdown:
+        table.insert(1, ["-" * w for w in widths])
     for line in table:
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), flush=True)
+        cells = [c.rjust(w) for c, w in zip(line, widths)]
+        print("| " + " | ".join(cells) + " |" if markdown else "  ".join(cells), flush=True)
 
 
 def configs(args):
@@ -438,6 +452,159 @@ def retrieval(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# learn: python train.py's run, ours against HF's AlignModel trained by torch.optim.AdamW
+
+
+def heldout_scores(embed_images, embed_texts, eval_batches, tokenizer, max_len, batch=64):
+    """train.final_evaluation's numbers for any model: held-out retrieval R@1/5/10 both ways and zero-shot
+    accuracy per attribute (train.attribute_accuracy). embed_*: numpy in, L2-normalised numpy [B, E] out."""
+    img_NE = np.concatenate([embed_images(b["pixels"])[b["valid"]] for b in eval_batches])
+    txt_NE = np.concatenate([embed_texts(b["ids"], b["mask"])[b["valid"]] for b in eval_batches])
+    r = evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
+    row = {f"{d}_R@{k}": r[d][f"R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    probes = data.attribute_probes(len(img_NE))
+    texts = sorted({c for _, captions, _ in probes.values() for caps in captions for c in caps})
+    ids, mask = tokenizer.encode(texts + [""] * (-len(texts) % batch), max_len)  # whole batches
+    txt_TE = np.concatenate([embed_texts(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
+    index = {t: i for i, t in enumerate(texts)}
+    for attribute, (images, captions, true) in probes.items():
+        cand_NVE = txt_TE[[[index[c] for c in caps] for caps in captions]]
+        row[attribute] = evaluate.probe_accuracy(img_NE[images], cand_NVE, np.array(true))
+    return row
+
+
+def hf_align(params, state, cfg, image_size, path, torch, transformers):
+    """HF's AlignModel from our weights (align.to_hf), set to train as train.py does (test_train_parity.py)."""
+    align.to_hf(params, state, cfg, path, image_size=image_size)
+    config = transformers.AlignConfig.from_pretrained(path)
+    config.text_config.hidden_dropout_prob = config.text_config.attention_probs_dropout_prob = 0.0  # ours has none
+    model = transformers.AlignModel.from_pretrained(path, config=config).train()
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    for m in model.modules():  # HF passes TF's momentum (weight of the old average) as torch's (of the new batch)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1 - cfg.image.bn_momentum
+
+    class LearnedTemperature(torch.nn.Module):  # align.learned_temperature and its inverse
+        def forward(self, raw):
+            return align.MIN_TEMPERATURE + torch.exp(raw)
+
+        def right_inverse(self, temperature):
+            return torch.log(temperature - align.MIN_TEMPERATURE)
+
+    if not cfg.learn_temperature:
+        model.temperature.requires_grad_(False)
+        return model
+    # HF learns T itself, we learn raw with T = 1/1024 + exp(raw): an Adam step of about lr (3e-3) moves T =
+    # 0.07 by 4% in HF's form, by 0.3% in ours. The same parametrisation gives both optimisers one problem.
+    torch.nn.utils.parametrize.register_parametrization(model, "temperature", LearnedTemperature())
+    with torch.no_grad():
+        model.parametrizations.temperature.original.fill_(float(params["temperature"]))
+    return model
+
+
+def learn(args):
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"learn skipped: {e} (pip install torch==2.13.0 transformers)")
+        return None
+    flags = ("steps", "seed", "batch_size", "lr", "warmup_steps", "image_size")
+    targs = train.parse_args([f"--{k.replace('_', '-')}={getattr(args, k)}" for k in flags if getattr(args, k) is not None])
+    cfg, recipe = train.resolve(targs)
+    if recipe.optimizer != "adamw":
+        raise SystemExit(f"learn: the PyTorch side runs torch.optim.AdamW, not {recipe.optimizer}")
+    tokenizer = data.Tokenizer(data.synthetic_vocab())
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer.vocab)))  # as train.train
+    torch.set_num_threads(args.torch_threads)
+    print(f"learn: {describe(cfg, recipe)}, batch {recipe.batch_size}, {recipe.steps} steps, AdamW lr {recipe.lr}, "
+          f"seed {targs.seed}; jax on {jax.device_count()} x {jax.devices()[0].device_kind}, "
+          f"torch {torch.__version__} ({args.torch_threads} threads)", flush=True)
+    S, L, t0 = recipe.image_size, cfg.text.max_len, time.perf_counter()
+    loader = data.make_loader("synthetic", tokenizer=tokenizer, global_batch=recipe.batch_size, image_size=S, train=True,
+                              seed=targs.seed, max_len=L, workers=args.workers)
+    batches = [next(loader) for _ in range(recipe.steps)]  # made once, outside both timings, fed to both
+    loader.close()
+    eval_batches = list(data.make_loader("synthetic", tokenizer=tokenizer, global_batch=64, image_size=S, train=False, max_len=L))
+    score = functools.partial(heldout_scores, eval_batches=eval_batches, tokenizer=tokenizer, max_len=L)
+    print(f"  batches made in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    # Ours: train.py's step and optimizer on one `data` mesh over every device.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    params, state = jax.jit(align.init, static_argnums=1, out_shardings=rep)(jax.random.key(targs.seed), cfg)
+    params0, state0 = jax.device_get((params, state))  # the step donates the device buffers
+    optimizer, lr_schedule = train.make_optimizer(recipe, params)
+    opt_state = jax.jit(optimizer.init, out_shardings=rep)(params)
+    t0 = time.perf_counter()
+    step = train.make_step(cfg, recipe, optimizer, mesh, bn_across=False).lower(
+        *train.step_shapes(mesh, params, state, opt_state, recipe.batch_size, S, L)).compile()
+    ours, metrics, rng = {"run": "ours (JAX)", "compile_s": time.perf_counter() - t0}, [], jax.random.key(targs.seed + 1)
+    t0 = time.perf_counter()
+    for k, b in enumerate(batches):
+        params, state, opt_state, m = step(params, state, opt_state, *(jax.device_put(b[x], split) for x in
+                                                                       ("pixels", "ids", "mask")), jax.random.fold_in(rng, k))
+        metrics.append(m)
+    jax.block_until_ready(params)
+    ours["train_s"], metrics, t0 = time.perf_counter() - t0, jax.device_get(metrics), time.perf_counter()
+    curves = {"ours": ([float(m["loss"]) for m in metrics], [float(m["temperature"]) for m in metrics])}
+    embed_i, embed_t = jax.jit(align.embed_images, static_argnames="cfg"), jax.jit(align.embed_texts, static_argnames="cfg")
+    ours.update(score(lambda x: np.asarray(embed_i(params, state, x, cfg=cfg)),
+                      lambda ids, mask: np.asarray(embed_t(params, ids, mask, cfg=cfg))), eval_s=time.perf_counter() - t0)
+
+    # HF's: torch.optim.AdamW with make_optimizer's schedule, betas, eps and weight-decay mask (none on biases,
+    # BatchNorm, LayerNorm and the temperature).
+    with tempfile.TemporaryDirectory() as tmp:
+        model = hf_align(params0, state0, cfg, S, tmp, torch, transformers)
+    groups = {True: [], False: []}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and not module_name.startswith("text_model.pooler"):  # unused by AlignModel
+                norm = isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm))
+                groups[not (norm or name == "bias" or p.ndim == 0)].append(p)
+    opt = torch.optim.AdamW([{"params": groups[True], "weight_decay": recipe.weight_decay},
+                             {"params": groups[False], "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.999), eps=1e-6)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: float(lr_schedule(k)) / recipe.lr)
+    theirs, losses, temps, t0 = {"run": "PyTorch (HF AlignModel)"}, [], [], time.perf_counter()
+    for b in batches:
+        out = model(input_ids=torch.from_numpy(b["ids"]).long(), attention_mask=torch.from_numpy(b["mask"]),
+                    pixel_values=torch.from_numpy(b["pixels"].transpose(0, 3, 1, 2)), return_loss=True)  # NHWC -> NCHW
+        loss = 2 * out.loss  # ours is L_i2t + L_t2i, HF's align_loss their mean: Adam's eps makes the scale matter
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        temps.append(model.temperature.item())
+    theirs["train_s"], curves["torch"], t0 = time.perf_counter() - t0, (losses, temps), time.perf_counter()
+    unit = lambda out: (out.pooler_output / out.pooler_output.norm(dim=-1, keepdim=True)).numpy()
+    with torch.no_grad():
+        model.eval()  # BatchNorm's running statistics
+        theirs.update(score(lambda x: unit(model.get_image_features(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)))),
+                            lambda ids, mask: unit(model.get_text_features(input_ids=torch.from_numpy(ids).long(),
+                                                                            attention_mask=torch.from_numpy(mask)))),
+                      eval_s=time.perf_counter() - t0)
+
+    w = min(recipe.log_every, recipe.steps)  # loss and temperature, means over the w steps up to each row's
+    curve = [{"step": k + w, **{f"{n}_{q}": float(np.mean(curves[n][i][k:k + w]))
+                                for n in curves for i, q in enumerate(("loss", "T"))}} for k in range(0, recipe.steps - w + 1, w)]
+    rows = [dict(r, steps=recipe.steps, ms_per_step=1e3 * r["train_s"] / recipe.steps, loss=curve[-1][f"{n}_loss"],
+                 T=curves[n][1][-1]) for r, n in ((ours, "ours"), (theirs, "torch"))]
+    print_table(rows, [("", "run", None), ("steps", "steps", None), ("compile s", "compile_s", "{:.0f}"),
+                       ("train s", "train_s", "{:.0f}"), ("ms/step", "ms_per_step", "{:.0f}"), ("eval s", "eval_s", "{:.0f}"),
+                       ("loss", "loss", "{:.2f}"), ("T", "T", "{:.4f}")]
+                + [(f"{d} R@{k}", f"{d}_R@{k}", "{:.1f}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
+                + [(a, a, "{:.1f}") for a in data.SYN_ATTRIBUTES], markdown=True)
+    print()
+    print_table(curve, [("step", "step", None), ("loss, ours", "ours_loss", "{:.3f}"), ("loss, PyTorch", "torch_loss", "{:.3f}"),
+                        ("T, ours", "ours_T", "{:.4f}"), ("T, PyTorch", "torch_T", "{:.4f}")], markdown=True)
+    return {"measure": "learn", "model": describe(cfg, recipe), "recipe": dataclasses.asdict(recipe), "seed": targs.seed,
+            "torch": torch.__version__, "transformers": transformers.__version__, "torch_threads": args.torch_threads,
+            **machine(), "rows": rows, "curve": curve, "losses": {n: c[0] for n, c in curves.items()},
+            "temperatures": {n: c[1] for n, c in curves.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -457,7 +624,7 @@ def parser():
         p.add_argument("--text-tower", choices=list(bert.CONFIGS), help="override the size's")
         p.add_argument("--batch", type=int, nargs="+" if several else None, default=[batch] if several else batch,
                        help="per device" + "; several: one row each, up to the first that runs out of memory" * several)
-        p.add_argument("--image-size", type=int, help="default: the size's recipe (289; tiny 64)")
+        p.add_argument("--image-size", type=int, help="default: the size's recipe (289; tiny 32)")
         p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: the size's recipe (float32 on CPU)")
         p.add_argument("--remat", action="store_true")
         p.add_argument("--depthwise", default="auto", choices=["auto", "conv", "shift"],
@@ -491,6 +658,14 @@ def parser():
 
     p = command("towers", towers, "compile and step time of both towers' forward + backward, nothing else")
     model_flags(p, 1, False, size="L2")
+
+    p = command("learn", learn, "python train.py's run, ours and HF's AlignModel in PyTorch from the same start: held-out scores")
+    for flag, kind in (("steps", int), ("seed", int), ("batch-size", int), ("lr", float), ("warmup-steps", int),
+                       ("image-size", int)):
+        p.add_argument("--" + flag, type=kind, help="as train.py's (default: the tiny recipe's)")
+    p.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                   help="default: every core; 1 on a loaded machine, where torch's spinning threads cost 4-13x")
+    p.add_argument("--workers", type=int, default=max(0, (os.cpu_count() or 1) - 1), help="data decoding processes")
     return ap
 
 
