@@ -330,7 +330,7 @@ def synthetic_example(seed: int, index: int, resize: int, split: int = 0) -> tup
             d = SYN_SIZES[size][0] * resize * rng.uniform(0.9, 1.1)
             cx = sx0 + sw / 2 + rng.uniform(-1, 1) * max(0, sw - d) / 2
             cy = sy0 + sh / 2 + rng.uniform(-1, 1) * max(0, sh - d) / 2
-            fill = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in SYN_COLOURS[colour])
+            fill = tuple(min(255, max(0, v + int(rng.integers(-25, 26)))) for v in SYN_COLOURS[colour])
             box = (cx - d / 2, cy - d / 2, cx + d / 2, cy + d / 2)
             if shape == 'circle':
                 draw.ellipse(box, fill=fill)
