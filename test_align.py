@@ -256,8 +256,10 @@ def test_efficientnet_remat_and_bfloat16_agree_with_float32():
     # Remat changes no maths, but XLA fuses the recomputed forward differently: float32 rounding in a
     # different order. The loss was 1.0035e-6 apart once BatchNorm got its own backward pass (whose
     # forward XLA now fuses apart from the reductions), so 1e-5 (a few tens of float32 ulps).
+    # The gradients' relative error was below 1e-5 with XLA's default LLVM optimisation and 1.01e-5
+    # with conftest's level 0 (other instruction selection, other rounding): 2e-5 allows both.
     np.testing.assert_allclose(l_r, l32, rtol=1e-5)
-    assert _relative_error(g_r, g32) < 1e-5
+    assert _relative_error(g_r, g32) < 2e-5
     # bfloat16 keeps 8 bits of mantissa: features within a few percent of their spread.
     cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
     f32, _ = en_apply(params, state, x, cfg)

@@ -69,7 +69,9 @@ def test_checkpoint_or_init_that_does_not_match_is_one_line(tmp_path, capsys):
 
 def _spawn(argv, log, devices=8):
     """train.py in a subprocess, for what needs one: a signal, a kill, several processes."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # conftest's others
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, stdout=f, stderr=subprocess.STDOUT)
 
