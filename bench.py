@@ -455,22 +455,15 @@ def retrieval(args):
 # learn: python train.py's run, ours against HF's AlignModel trained by torch.optim.AdamW
 
 
-def heldout_scores(embed_images, embed_texts, eval_batches, tokenizer, max_len, batch=64):
+def heldout_scores(embed_images, embed_texts, eval_batches, tokenizer, max_len):
     """train.final_evaluation's numbers for any model: held-out retrieval R@1/5/10 both ways and zero-shot
     accuracy per attribute (train.attribute_accuracy). embed_*: numpy in, L2-normalised numpy [B, E] out."""
     img_NE = np.concatenate([embed_images(b["pixels"])[b["valid"]] for b in eval_batches])
     txt_NE = np.concatenate([embed_texts(b["ids"], b["mask"])[b["valid"]] for b in eval_batches])
     r = evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
     row = {f"{d}_R@{k}": r[d][f"R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)}
-    probes = data.attribute_probes(len(img_NE))
-    texts = sorted({c for _, captions, _ in probes.values() for caps in captions for c in caps})
-    ids, mask = tokenizer.encode(texts + [""] * (-len(texts) % batch), max_len)  # whole batches
-    txt_TE = np.concatenate([embed_texts(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
-    index = {t: i for i, t in enumerate(texts)}
-    for attribute, (images, captions, true) in probes.items():
-        cand_NVE = txt_TE[[[index[c] for c in caps] for caps in captions]]
-        row[attribute] = evaluate.probe_accuracy(img_NE[images], cand_NVE, np.array(true))
-    return row
+    attributes = train.attribute_accuracy(embed_texts, tokenizer, max_len, img_NE)
+    return {**row, **{a: t["accuracy"] for a, t in attributes.items()}}
 
 
 def hf_align(params, state, cfg, image_size, path, torch, transformers):

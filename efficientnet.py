@@ -142,8 +142,8 @@ CONFIGS = {
     # Made up for CPUs and tests: 10 blocks (stages of 1-2 repeats, so the scan path is exercised), 160-d,
     # for 32x32 images (where the last stages' maps are 1x1). Width 0.5, not 0.25: held-out R@1 after 600
     # steps of 64 pairs (on the synthetic data before its objects grew) was 4% at 0.25, 10% at 0.5 and 11%
-    # at 1.0, the step 121, 139 and 190 ms (README, "Training"). No stage's first block has a skip (TF's rule would give one at 0.25),
-    # so HF's port can load it (align.to_hf). BatchNorm momentum 0.9, not TF's 0.99: its runs are a few
+    # at 1.0, the step 121, 139 and 190 ms (README, "Training"). No stage's first block has a skip (TF's
+    # rule would give one at 0.25), so HF's port can load it (align.to_hf). BatchNorm momentum 0.9, not TF's 0.99: its runs are a few
     # hundred steps, and after 250 at 0.99 the running statistics still hold 8% (0.99^250) of their
     # initial 0 and 1; evaluation-mode R@1 was 0.1% where training accuracy was 51% (README, "Training").
     "tiny": Config("tiny", 0.5, 0.5, 32, bn_momentum=0.9),

@@ -353,14 +353,14 @@ def heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size, bat
     return np.concatenate(imgs), np.concatenate(txts)
 
 
-def attribute_accuracy(params, cfg, tokenizer, img_NE, batch=64):
-    """What the model learned of each attribute of the synthetic scenes: zero-shot top-1 accuracy in
-    percent on the held-out scenes of one group (`data.attribute_probes`), and chance."""
+def attribute_accuracy(embed_texts, tokenizer, max_len, img_NE, batch=64):
+    """What a model learned of each attribute of the synthetic scenes: zero-shot top-1 accuracy in percent
+    on the held-out scenes of one group (`data.attribute_probes`), and chance. `embed_texts(ids, mask)`:
+    any model's L2-normalised text embeddings as numpy (bench.py's `learn` passes HF's)."""
     probes = data.attribute_probes(len(img_NE))
     texts = sorted({c for _, captions, _ in probes.values() for row in captions for c in row})
-    ids, mask = tokenizer.encode(texts + [""] * (-len(texts) % batch), cfg.text.max_len)  # whole batches
-    txt_TE = np.concatenate([_embed_texts(params, ids[i:i + batch], mask[i:i + batch], cfg=cfg)
-                             for i in range(0, len(ids), batch)])
+    ids, mask = tokenizer.encode(texts + [""] * (-len(texts) % batch), max_len)  # whole batches
+    txt_TE = np.concatenate([embed_texts(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
     row = {t: i for i, t in enumerate(texts)}
     table = {}
     for attribute, (index, captions, true) in probes.items():
@@ -381,7 +381,8 @@ def final_evaluation(params, state, cfg, tokenizer, eval_data, image_size):
         print(f"  {name} R@1 {r[key]['R@1']:.1f}  R@5 {r[key]['R@5']:.1f}  R@10 {r[key]['R@10']:.1f}")
     result = {"pairs": n, **r}
     if eval_data.startswith("synthetic"):
-        result["attributes"] = attribute_accuracy(params, cfg, tokenizer, img_NE)
+        embed_texts = lambda ids, mask: np.asarray(_embed_texts(params, ids, mask, cfg=cfg))
+        result["attributes"] = attribute_accuracy(embed_texts, tokenizer, cfg.text.max_len, img_NE)
         print(f"zero-shot accuracy per attribute, on the {result['attributes']['colour']['images']} held-out scenes "
               "of one group (the true caption against the same caption with that attribute changed):")
         for attribute, row in result["attributes"].items():
