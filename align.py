@@ -126,7 +126,7 @@ def _cross_entropy_B(logits_BN, labels_B, label_smoothing, candidates_BN):
 
 
 def contrastive_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name=None,
-                     negatives_fraction=1.0):
+                     negatives_fraction=1.0, with_metrics=False):
     """Symmetric normalized softmax loss, ALIGN Sec. 4.1, Eq. 1-2: L = L_i2t + L_t2i, a float32 scalar.
 
     img_BE, txt_BE: L2-normalised embeddings of B image-text pairs (row i of each is a pair). Without
@@ -138,6 +138,9 @@ def contrastive_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name
     axis_name: the mesh axis the batch is sharded over. Returns the global loss, the same on every device.
     negatives_fraction: Table 8 rows 5-6 (1.0, 0.5, 0.25): each pair is scored only against the
       contiguous group of fraction x N pairs of the global batch that holds it.
+    with_metrics: return (loss, metrics) instead, metrics being what a training step logs, every value
+      global: loss_i2t, loss_t2i (Eq. 1, 2) and accuracy_i2t, accuracy_t2i, the fraction of the N images
+      (texts) whose top-scoring candidate is their own text (image), per direction as big_vision logs it.
 
     Gradient contract for a data-parallel step (parameters replicated, batch sharded, `jax.grad` of this
     value taken inside the shard_map): reduce parameter gradients with `jax.lax.pmean(grads, axis_name)`,
@@ -157,56 +160,27 @@ def contrastive_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name
     logits_i2t_BN, logits_t2i_BN, labels_B = _logits(img_BE, txt_BE, temperature, axis_name)
     n = logits_i2t_BN.shape[1]
     candidates_BN = _candidates_BN(labels_B, n, negatives_fraction)
-    # Eq. 1 and 2 are means over the N pairs of the global batch. This device holds B of them, so it
-    # adds its own rows and divides by N; the psum adds the other devices' rows.
-    loss_i2t = _cross_entropy_B(logits_i2t_BN, labels_B, label_smoothing, candidates_BN).sum() / n
-    loss_t2i = _cross_entropy_B(logits_t2i_BN, labels_B, label_smoothing, candidates_BN).sum() / n
-    # The paper sums the two directions (Eq. 1 + Eq. 2); HF's AlignModel averages them (half our value).
-    loss = loss_i2t + loss_t2i
-    return loss if axis_name is None else jax.lax.psum(loss, axis_name)
-
-
-def loss_and_metrics(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name=None,
-                     negatives_fraction=1.0, img_norm_B=None, txt_norm_B=None):
-    """`contrastive_loss` and what a training step logs: (loss, metrics), every value global and float32.
-
-    metrics: loss, loss_i2t, loss_t2i (Eq. 1, 2); accuracy_i2t, accuracy_t2i, the fraction of the N
-    images (texts) whose top-scoring candidate is their own text (image), per direction as big_vision
-    logs it; temperature; img_norm, txt_norm, the mean norm of `img_norm_B` / `txt_norm_B`, the towers'
-    embeddings before L2-normalisation when the caller passes them, else of the given embeddings
-    (then 1.0 unless they were not normalised). Same arguments and gradient contract as `contrastive_loss`.
-    """
-    logits_i2t_BN, logits_t2i_BN, labels_B = _logits(img_BE, txt_BE, temperature, axis_name)
-    n = logits_i2t_BN.shape[1]
-    candidates_BN = _candidates_BN(labels_B, n, negatives_fraction)
 
     def global_mean(x_B):
+        # Eq. 1 and 2 are means over the N pairs of the global batch. This device holds B of them, so it
+        # adds its own rows and divides by N; the psum adds the other devices' rows.
         total = x_B.astype(jnp.float32).sum()
         return (total if axis_name is None else jax.lax.psum(total, axis_name)) / n
+
+    loss_i2t = global_mean(_cross_entropy_B(logits_i2t_BN, labels_B, label_smoothing, candidates_BN))
+    loss_t2i = global_mean(_cross_entropy_B(logits_t2i_BN, labels_B, label_smoothing, candidates_BN))
+    # The paper sums the two directions (Eq. 1 + Eq. 2); HF's AlignModel averages them (half our value).
+    loss = loss_i2t + loss_t2i
+    if not with_metrics:
+        return loss
 
     def accuracy(logits_BN):
         if candidates_BN is not None:
             logits_BN = jnp.where(candidates_BN, logits_BN, -jnp.inf)
         return global_mean(jnp.argmax(logits_BN, axis=1) == labels_B)
 
-    if img_norm_B is None:
-        img_norm_B = jnp.linalg.norm(img_BE.astype(jnp.float32), axis=1)
-    if txt_norm_B is None:
-        txt_norm_B = jnp.linalg.norm(txt_BE.astype(jnp.float32), axis=1)
-    loss_i2t = global_mean(_cross_entropy_B(logits_i2t_BN, labels_B, label_smoothing, candidates_BN))
-    loss_t2i = global_mean(_cross_entropy_B(logits_t2i_BN, labels_B, label_smoothing, candidates_BN))
-    loss = loss_i2t + loss_t2i  # Eq. 1 + Eq. 2, summed as in the paper (see contrastive_loss).
-    metrics = {
-        "loss": loss,
-        "loss_i2t": loss_i2t,
-        "loss_t2i": loss_t2i,
-        "accuracy_i2t": accuracy(logits_i2t_BN),
-        "accuracy_t2i": accuracy(logits_t2i_BN),
-        "temperature": jnp.asarray(temperature, jnp.float32),
-        "img_norm": global_mean(img_norm_B),
-        "txt_norm": global_mean(txt_norm_B),
-    }
-    return loss, metrics
+    return loss, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i,
+                  "accuracy_i2t": accuracy(logits_i2t_BN), "accuracy_t2i": accuracy(logits_t2i_BN)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,7 +246,7 @@ def temperature(params, cfg: Config):
     return learned_temperature(params["temperature"]) if cfg.learn_temperature else cfg.temperature_init
 
 
-def _l2_normalise(x_BE):
+def l2_normalise(x_BE):
     """Unit rows, in float32: a bfloat16 norm has 3 significant digits and cosines need more."""
     x_BE = x_BE.astype(jnp.float32)
     return x_BE * jax.lax.rsqrt(jnp.maximum(jnp.sum(x_BE * x_BE, axis=-1, keepdims=True), 1e-24))
@@ -295,34 +269,36 @@ def text_features(params, ids_BL, mask_BL, cfg: Config):
 
 def embed_images(params, state, pixels_BHWC, cfg: Config):
     """L2-normalised float32 image embeddings [B, E] (evaluation mode: BatchNorm running averages)."""
-    return _l2_normalise(image_features(params, state, pixels_BHWC, cfg)[0])
+    return l2_normalise(image_features(params, state, pixels_BHWC, cfg)[0])
 
 
 def embed_texts(params, ids_BL, mask_BL, cfg: Config):
     """L2-normalised float32 text embeddings [B, E]."""
-    return _l2_normalise(text_features(params, ids_BL, mask_BL, cfg))
+    return l2_normalise(text_features(params, ids_BL, mask_BL, cfg))
 
 
 def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *, axis_name=None,
                bn_axis_name=None, label_smoothing=0.1, negatives_fraction=1.0):
-    """The training objective on a batch: (loss, (metrics, new BatchNorm state)), for jax.value_and_grad.
+    """The training objective on a batch, Eq. 1-2 on the towers' embeddings: (loss, (metrics, new BatchNorm
+    state)), for jax.value_and_grad.
 
-    Inside shard_map, pass axis_name='data' for the global-batch loss (and bn_axis_name to average
-    BatchNorm statistics over devices); the gradient contract of `contrastive_loss` applies.
+    metrics: `contrastive_loss`'s (loss of each direction, top-1 accuracy of each direction), the loss, the
+    temperature, and img_norm, txt_norm: the mean norm of the embeddings before L2-normalisation, over the
+    global batch. Inside shard_map, pass axis_name='data' for the global-batch loss (and bn_axis_name to
+    average BatchNorm statistics over devices); the gradient contract of `contrastive_loss` applies.
     """
     img_BE, state = image_features(params, state, pixels_BHWC, cfg, train=True, rng=rng,
                                    bn_axis_name=bn_axis_name)
     txt_BE = text_features(params, ids_BL, mask_BL, cfg)
-    loss, metrics = features_loss(img_BE, txt_BE, temperature(params, cfg), label_smoothing, axis_name,
-                                  negatives_fraction)
+    t = temperature(params, cfg)
+    loss, metrics = contrastive_loss(l2_normalise(img_BE), l2_normalise(txt_BE), t, label_smoothing, axis_name,
+                                     negatives_fraction, with_metrics=True)
+    # Every device holds as many rows, so the mean of the devices' means is the global mean.
+    global_mean = lambda x: x if axis_name is None else jax.lax.pmean(x, axis_name)
+    metrics = {"loss": loss, **metrics, "temperature": jnp.asarray(t, jnp.float32),
+               "img_norm": global_mean(jnp.linalg.norm(img_BE, axis=-1).mean()),
+               "txt_norm": global_mean(jnp.linalg.norm(txt_BE, axis=-1).mean())}
     return loss, (metrics, state)
-
-
-def features_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name=None, negatives_fraction=1.0):
-    """`train_loss` after the towers: (loss, metrics) of unnormalised embeddings, with their norms reported."""
-    return loss_and_metrics(_l2_normalise(img_BE), _l2_normalise(txt_BE), temperature, label_smoothing, axis_name,
-                            negatives_fraction, img_norm_B=jnp.linalg.norm(img_BE, axis=-1),
-                            txt_norm_B=jnp.linalg.norm(txt_BE, axis=-1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -353,20 +329,31 @@ def save(path, params, state, cfg: Config, vocab_path=None):
     weights.atomic_write(os.path.join(path, "align_config.json"), lambda f: f.write(config))
 
 
+def checkpoints(run_dir):
+    """A training run's whole checkpoints, oldest first: the `ckpt_<step>` directories in it.
+
+    train.py writes each checkpoint as `OUT/.tmp_ckpt_<step>/` and renames it, so those are never listed;
+    one also needs both the model's config (written last by `save`) and train_state.json (written last by
+    train.py), which a directory a kill left half-deleted lacks.
+    """
+    if not os.path.isdir(run_dir):
+        return []
+    return [os.path.join(run_dir, d) for d in sorted(os.listdir(run_dir)) if d.startswith("ckpt_")
+            and all(os.path.exists(os.path.join(run_dir, d, f)) for f in ("align_config.json", "train_state.json"))]
+
+
 def model_dir(path):
     """The model directory `path` names: itself (ours or HF's), or a training run's newest checkpoint.
 
-    train.py writes checkpoints as `OUT/ckpt_<step>/`, each a model directory of `save` plus the
-    optimizer state; `vocab.txt` sits beside the weights in each.
+    train.py writes checkpoints as `OUT/ckpt_<step>/` (`checkpoints`), each a model directory of `save`
+    plus the optimizer state; `vocab.txt` sits beside the weights in each.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such model or run directory")
     if os.path.exists(os.path.join(path, "align_config.json")):
         return path
-    ckpts = sorted(d for d in os.listdir(path) if d.startswith("ckpt_")
-                   and os.path.exists(os.path.join(path, d, "align_config.json")))
-    if ckpts:  # a run directory: its config.json is train.py's resolved config, not an HF model's
-        return os.path.join(path, ckpts[-1])
+    if checkpoints(path):  # a run directory: its config.json is train.py's resolved config, not an HF model's
+        return checkpoints(path)[-1]
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: neither a model directory (align_config.json or HF config.json) nor a "
                                 "training run with ckpt_* checkpoints")
@@ -502,16 +489,6 @@ def to_hf(params, state, cfg: Config, path, image_size=None):
 # ---------------------------------------------------------------------------------------------------
 
 
-def count_params(cfg: Config):
-    """Parameters per part, with no memory allocated: {'image', 'text', 'projections', 'total'}."""
-    params, _ = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
-    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-    out = {"image": size(params["image"]), "text": size(params["text"]),
-           "projections": size(params["text_projection"]) + size(params.get("image_projection", {}))}
-    out["total"] = size(params)
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description="ALIGN model sizes (paper Sec. 5, 6.1, Table 8-9).")
     ap.add_argument("--vocab-size", type=int, default=bert.Config.vocab_size)
@@ -521,7 +498,10 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     for name, cfg in SIZES.items():
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=args.vocab_size))
-        n = count_params(cfg)
+        params, _ = jax.eval_shape(lambda: init(jax.random.key(0), cfg))  # shapes only: nothing allocated
+        n = {k: weights.count_params(params[k]) for k in ("image", "text")}
+        n["total"] = weights.count_params(params)
+        n["projections"] = sum(weights.count_params(v) for k, v in params.items() if k.endswith("_projection"))
         print(f"| {name} | EfficientNet-{cfg.image.name} | BERT-{cfg.text.name} | {cfg.embed_dim} "
               f"| {n['image'] / 1e6:.1f}M | {n['text'] / 1e6:.1f}M | {n['projections'] / 1e6:.2f}M "
               f"| {n['total'] / 1e6:.1f}M |")

@@ -17,30 +17,36 @@
 `versus-torch`: the same towers built in HF `transformers` (AlignVisionModel, BertModel) with the same
   config, batch and dtype, eager and torch.compile'd, channels_last, forward + backward, in alternating
   rounds in this process. PyTorch is a benchmark-only dependency; no module of the project imports it.
-`data`: data.make_loader's training pipeline (tar read, JPEG decode, resize, crop, flip, tokenize).
-`retrieval`: evaluate.retrieval_recalls (both directions, blocked) with its peak memory.
+`data`: data.make_loader's training pipeline (tar read, JPEG decode, resize, crop, flip, tokenize) on
+  generated photo-like JPEGs (pipeline_throughput, moved here from data.py; `python data.py bench` forwards here).
+`retrieval`: metrics.retrieval_recalls (both directions, blocked) with its peak memory.
 `towers`: compile and step time of both towers' forward + backward, without loss or optimizer.
 `learn`: `python train.py`'s run (tiny, its recipe, synthetic data; `--steps` etc. as train.py's) twice from
   the same initial weights on the same batches: train.make_step + make_optimizer, and HF's AlignModel
   (align.to_hf) under torch.optim.AdamW with the same schedule, betas, eps and weight-decay mask, dropout off,
   our BatchNorm momentum, our temperature parametrisation and 2x HF's loss (test_train_parity.py proves 20
   such steps equal). Each is timed (ours: compile apart) and scored in evaluation mode on the 1000 held-out
-  pairs as train.final_evaluation does: retrieval R@1/5/10 both ways, zero-shot accuracy per attribute.
+  pairs as evaluate.heldout_evaluation does: retrieval R@1/5/10 both ways, zero-shot accuracy per attribute.
   Left different: torch's running variance is the unbiased one (x n/(n-1), n = batch x H x W per channel);
   on several devices our BatchNorm statistics are per device (train.py's default), HF's over the batch.
 
 FLOPs are XLA's cost analysis of the computation traced with every `lax.scan` unrolled: on the compiled
 step XLA counts a scan body once (the test shows it), which would undercount our scanned blocks and
 layers by their number. They are per device, counted without remat, elementwise ops included.
+
+At ~740 lines this file is past the ~700 where a file should ask whether it holds two concerns. It holds one,
+measuring: six measures that share one table printer, one timer and train.py's configs.
 """
 
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import os
 import platform
 import statistics
+import tarfile
 import tempfile
 import time
 import tracemalloc
@@ -51,13 +57,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image, ImageDraw
 
 import align
 import bert
 import data
 import efficientnet as en
 import evaluate
+import metrics
+import synthetic
 import train
+import wordpiece
 
 # Dense bfloat16 peak TFLOP/s per JAX device (vendor datasheets, without sparsity). A TPU v3 device is one
 # core (half a chip); v4 and v5p devices are whole (megacore) chips. Checked in order: the first substring
@@ -112,7 +122,7 @@ def configs(args):
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     cfg, recipe = train.resolve(train.parse_args(argv + ["--remat"] * args.remat))
     # tiny trains on the synthetic data's vocabulary (train.py); the paper's sizes on 100k words (Sec. 4.1).
-    vocab = args.vocab_size or (len(data.Tokenizer(data.synthetic_vocab()).vocab) if args.size == "tiny" else 100_000)
+    vocab = args.vocab_size or (len(wordpiece.Tokenizer(synthetic.synthetic_vocab()).vocab) if args.size == "tiny" else 100_000)
     return dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, depthwise=args.depthwise),
                                text=dataclasses.replace(cfg.text, vocab_size=vocab)), recipe
 
@@ -159,8 +169,8 @@ def step_parts(cfg, recipe, optimizer, mesh):
         return jax.value_and_grad(lambda p: jnp.mean(align.text_features(p, ids, mask, cfg) ** 2))(p)
 
     def loss(raw, img_BE, txt_BE):
-        return align.features_loss(img_BE, txt_BE, align.temperature({"temperature": raw}, cfg),
-                                   recipe.label_smoothing, "data")[0]
+        return align.contrastive_loss(align.l2_normalise(img_BE), align.l2_normalise(txt_BE),
+                                      align.temperature({"temperature": raw}, cfg), recipe.label_smoothing, "data")
 
     def update(params, opt_state, grads):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -209,9 +219,9 @@ def one_step(args, cfg, recipe, model, batch):
 
     def run_step():
         live["i"] += 1
-        live["params"], live["state"], live["opt"], metrics = compiled(
+        live["params"], live["state"], live["opt"], logged = compiled(
             live["params"], live["state"], live["opt"], pixels, ids, mask, jax.random.key(live["i"]))
-        return live["params"], metrics
+        return live["params"], logged
 
     def run_update():
         live["params"], live["opt"] = parts["update"][1](live["params"], live["opt"], grads)
@@ -413,9 +423,68 @@ def versus_torch(args):
 # data and retrieval
 
 
+def _photo_like_jpeg(rng: np.random.Generator, size=(500, 375)) -> bytes:
+    """A JPEG with a photo's statistics (smooth regions, edges, sensor noise), like a web image."""
+    img = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(8):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        draw.ellipse((x, y, x + rng.integers(20, 120), y + rng.integers(20, 120)), fill=tuple(rng.integers(0, 256, 3)))
+    pixels = np.asarray(img, np.int16) + rng.integers(-12, 13, (size[1], size[0], 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes, from /proc (Linux): per-core rates that other load cannot skew."""
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def pipeline_throughput(workers=(0, 1, 2), batches=32, image_size=data.CROP, batch=64, shards=1, distinct=64):
+    """Images/s of the training pipeline (tar read, decode, resize, random crop, flip, tokenize).
+
+    Writes temporary webdataset shards of `distinct` photo-like 500x375 JPEGs (repeated to fill
+    `batches` + 4 batches over `shards` shards), then for each worker count times `batches` batches after
+    the first. Returns ({"jpeg_kb", "cores", "load"}, one row per worker count with images/s in wall-clock
+    time and per CPU-second of every process involved). `python bench.py data`.
+    """
+    rng = np.random.default_rng(0)
+    jpegs = [_photo_like_jpeg(rng) for _ in range(distinct)]
+    tokenizer = wordpiece.Tokenizer(synthetic.synthetic_vocab())
+    per_shard = -(-max(distinct, (batches + 4) * batch) // shards)
+    info = {"jpeg_kb": float(np.mean([len(j) for j in jpegs])) / 1e3, "cores": os.cpu_count(),
+            "load": os.getloadavg()[0]}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in range(shards):
+            with tarfile.open(os.path.join(tmp, f"{s:05d}.tar"), "w") as tar:
+                for i in range(per_shard):
+                    data._add_member(tar, f"{s:05d}{i:06d}.jpg", jpegs[(s * per_shard + i) % distinct])
+                    data._add_member(tar, f"{s:05d}{i:06d}.txt", b"a photo of a large red circle on the left")
+        pattern = os.path.join(tmp, f"{{00000..{shards - 1:05d}}}.tar")
+        for w in workers:
+            with data.make_loader(pattern, tokenizer=tokenizer, global_batch=batch, image_size=image_size, workers=w) as loader:
+                next(loader)  # starts the workers
+                pids = [os.getpid()] + list(loader._pool._processes if loader._pool else [])
+                start, cpu = time.perf_counter(), _cpu_seconds(pids)
+                for _ in range(batches):
+                    next(loader)
+                wall, cpu = time.perf_counter() - start, _cpu_seconds(pids) - cpu
+            n = batches * batch
+            rows.append({"workers": w, "images": n, "images_per_s_total": n / wall, "images_per_s_per_core": n / cpu,
+                         "cores_busy": cpu / wall})
+    return info, rows
+
+
 def data_pipeline(args):
-    info, rows = data.pipeline_throughput(args.workers, args.batches, args.image_size, args.batch, args.shards,
-                                          distinct=args.images)
+    info, rows = pipeline_throughput(args.workers, args.batches, args.image_size, args.batch, args.shards,
+                                     distinct=args.images)
     print(f"data: {args.shards} shards of 500x375 JPEGs ({args.images} distinct, {info['jpeg_kb']:.0f} KB) "
           f"-> {args.image_size}x{args.image_size}, batch {args.batch}, {info['cores']} cores, load {info['load']:.1f}")
     print_table(rows, [("workers", "workers", None), ("images/s total", "images_per_s_total", "{:.0f}"),
@@ -434,11 +503,11 @@ def retrieval(args):
         txt /= np.linalg.norm(txt, axis=1, keepdims=True)
         tracemalloc.start()  # numpy reports its buffers to tracemalloc: this is the peak above the inputs
         t0 = time.perf_counter()
-        r = evaluate.retrieval_recalls(img, txt, np.repeat(np.arange(n), 5), block=args.block)
+        r = metrics.retrieval_recalls(img, txt, np.repeat(np.arange(n), 5), block=args.block)
         seconds = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        # Two directions, each two passes over all N x 5N similarities (evaluate.positive_rank_stats).
+        # Two directions, each two passes over all N x 5N similarities (metrics.positive_rank_stats).
         rows.append({"images": n, "captions": 5 * n, "seconds": seconds, "mpairs_per_s": 5 * n * n / seconds / 1e6,
                      "gflops_per_s": 4 * 2 * args.dim * 5 * n * n / seconds / 1e9, "peak_mib": peak / 2**20,
                      "inputs_mib": (img.nbytes + txt.nbytes) / 2**20, "dense_matrix_mib": 5 * n * n * 4 / 2**20,
@@ -456,13 +525,13 @@ def retrieval(args):
 
 
 def heldout_scores(embed_images, embed_texts, eval_batches, tokenizer, max_len):
-    """train.final_evaluation's numbers for any model: held-out retrieval R@1/5/10 both ways and zero-shot
-    accuracy per attribute (train.attribute_accuracy). embed_*: numpy in, L2-normalised numpy [B, E] out."""
+    """evaluate.heldout_evaluation's numbers for any model: held-out retrieval R@1/5/10 both ways and zero-shot
+    accuracy per attribute (evaluate.attribute_accuracy). embed_*: numpy in, L2-normalised numpy [B, E] out."""
     img_NE = np.concatenate([embed_images(b["pixels"])[b["valid"]] for b in eval_batches])
     txt_NE = np.concatenate([embed_texts(b["ids"], b["mask"])[b["valid"]] for b in eval_batches])
-    r = evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
+    r = metrics.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
     row = {f"{d}_R@{k}": r[d][f"R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)}
-    attributes = train.attribute_accuracy(embed_texts, tokenizer, max_len, img_NE)
+    attributes = evaluate.attribute_accuracy(embed_texts, tokenizer, max_len, img_NE)
     return {**row, **{a: t["accuracy"] for a, t in attributes.items()}}
 
 
@@ -507,7 +576,7 @@ def learn(args):
     cfg, recipe = train.resolve(targs)
     if recipe.optimizer != "adamw":
         raise SystemExit(f"learn: the PyTorch side runs torch.optim.AdamW, not {recipe.optimizer}")
-    tokenizer = data.Tokenizer(data.synthetic_vocab())
+    tokenizer = wordpiece.Tokenizer(synthetic.synthetic_vocab())
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer.vocab)))  # as train.train
     torch.set_num_threads(args.torch_threads)
     print(f"learn: {describe(cfg, recipe)}, batch {recipe.batch_size}, {recipe.steps} steps, AdamW lr {recipe.lr}, "
@@ -532,15 +601,15 @@ def learn(args):
     t0 = time.perf_counter()
     step = train.make_step(cfg, recipe, optimizer, mesh, bn_across=False).lower(
         *train.step_shapes(mesh, params, state, opt_state, recipe.batch_size, S, L)).compile()
-    ours, metrics, rng = {"run": "ours (JAX)", "compile_s": time.perf_counter() - t0}, [], jax.random.key(targs.seed + 1)
+    ours, logged, rng = {"run": "ours (JAX)", "compile_s": time.perf_counter() - t0}, [], jax.random.key(targs.seed + 1)
     t0 = time.perf_counter()
     for k, b in enumerate(batches):
         params, state, opt_state, m = step(params, state, opt_state, *(jax.device_put(b[x], split) for x in
                                                                        ("pixels", "ids", "mask")), jax.random.fold_in(rng, k))
-        metrics.append(m)
+        logged.append(m)
     jax.block_until_ready(params)
-    ours["train_s"], metrics, t0 = time.perf_counter() - t0, jax.device_get(metrics), time.perf_counter()
-    curves = {"ours": ([float(m["loss"]) for m in metrics], [float(m["temperature"]) for m in metrics])}
+    ours["train_s"], logged, t0 = time.perf_counter() - t0, jax.device_get(logged), time.perf_counter()
+    curves = {"ours": ([float(m["loss"]) for m in logged], [float(m["temperature"]) for m in logged])}
     embed_i, embed_t = jax.jit(align.embed_images, static_argnames="cfg"), jax.jit(align.embed_texts, static_argnames="cfg")
     ours.update(score(lambda x: np.asarray(embed_i(params, state, x, cfg=cfg)),
                       lambda ids, mask: np.asarray(embed_t(params, ids, mask, cfg=cfg))), eval_s=time.perf_counter() - t0)
@@ -587,7 +656,7 @@ def learn(args):
                        ("train s", "train_s", "{:.0f}"), ("ms/step", "ms_per_step", "{:.0f}"), ("eval s", "eval_s", "{:.0f}"),
                        ("loss", "loss", "{:.2f}"), ("T", "T", "{:.4f}")]
                 + [(f"{d} R@{k}", f"{d}_R@{k}", "{:.1f}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
-                + [(a, a, "{:.1f}") for a in data.SYN_ATTRIBUTES], markdown=True)
+                + [(a, a, "{:.1f}") for a in synthetic.SYN_ATTRIBUTES], markdown=True)
     print()
     print_table(curve, [("step", "step", None), ("loss, ours", "ours_loss", "{:.3f}"), ("loss, PyTorch", "torch_loss", "{:.3f}"),
                         ("T, ours", "ours_T", "{:.4f}"), ("T, PyTorch", "torch_T", "{:.4f}")], markdown=True)

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,16 +129,16 @@ def _dense_apply(x, p):
 
 def _layer(p, x_BLD, bias_BM, cfg: Config):
     """One post-LayerNorm transformer layer (Vaswani et al. 2017; BERT keeps the original order)."""
-    B, L, D = x_BLD.shape
-    N, K = cfg.heads, cfg.head_width
-    q_BLNK = _dense_apply(x_BLD, p["query"]).reshape(B, L, N, K)
-    k_BMNK = _dense_apply(x_BLD, p["key"]).reshape(B, L, N, K)
-    v_BMNK = _dense_apply(x_BLD, p["value"]).reshape(B, L, N, K)
+    # D = N heads x K features each; a head's K features are contiguous in the projection's output.
+    heads = lambda x_BLD: einops.rearrange(x_BLD, "b l (n k) -> b l n k", n=cfg.heads)
+    q_BLNK = heads(_dense_apply(x_BLD, p["query"]))
+    k_BMNK = heads(_dense_apply(x_BLD, p["key"]))
+    v_BMNK = heads(_dense_apply(x_BLD, p["value"]))
     # Scores and softmax in float32: the padding bias is -1e9-like and bfloat16 exp loses the ordering.
     s_BNLM = jnp.einsum("blnk,bmnk->bnlm", q_BLNK, k_BMNK, preferred_element_type=jnp.float32)
-    s_BNLM = s_BNLM / math.sqrt(K) + bias_BM[:, None, None, :]
+    s_BNLM = s_BNLM / math.sqrt(cfg.head_width) + bias_BM[:, None, None, :]
     w_BNLM = jax.nn.softmax(s_BNLM, axis=-1).astype(x_BLD.dtype)
-    a_BLD = jnp.einsum("bnlm,bmnk->blnk", w_BNLM, v_BMNK).reshape(B, L, D)
+    a_BLD = einops.rearrange(jnp.einsum("bnlm,bmnk->blnk", w_BNLM, v_BMNK), "b l n k -> b l (n k)")
     x_BLD = _layer_norm(x_BLD + _dense_apply(a_BLD, p["attention_out"]), p["attention_ln"], cfg.ln_eps)
     h_BLF = jax.nn.gelu(_dense_apply(x_BLD, p["intermediate"]), approximate=False)  # BERT's exact erf GELU
     return _layer_norm(x_BLD + _dense_apply(h_BLF, p["output"]), p["output_ln"], cfg.ln_eps)
@@ -252,12 +253,6 @@ def from_hf(path_or_state_dict, config=None, prefix=None):
 # ----------------------------------------------------------------------------------------------------
 
 
-def count_params(cfg: Config):
-    """Parameter count, with no memory allocated."""
-    params = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-
-
 def main():
     ap = argparse.ArgumentParser(description="BERT text towers for ALIGN: the size table.")
     ap.add_argument("--vocab-size", type=int, default=Config.vocab_size, help="default: ALIGN's 100k WordPiece")
@@ -266,7 +261,7 @@ def main():
     rows = []
     for name, cfg in CONFIGS.items():
         cfg = dataclasses.replace(cfg, vocab_size=args.vocab_size)
-        total = count_params(cfg)
+        total = weights.count_params(jax.eval_shape(lambda: init(jax.random.key(0), cfg)))
         rows.append({"variant": name, "layers": cfg.layers, "width": cfg.width, "heads": cfg.heads,
                      "params": total, "params_without_embeddings": total - cfg.vocab_size * cfg.width,
                      "features": cfg.width})

@@ -10,7 +10,7 @@ The 1797 digits that ship with scikit-learn (8x8, 16 grey levels, 10 classes; no
                               10% naming a wrong digit
   OUT/heldout/zero ... nine/  the other 20%, one folder per class, never trained on
 and the check then runs the command lines a user types (printed as they run):
-  python data.py vocab --data 'OUT/shards/*.tar' --size 1000 --out OUT/vocab.txt
+  python wordpiece.py vocab --data 'OUT/shards/*.tar' --size 1000 --out OUT/vocab.txt
   python train.py --size tiny --data 'OUT/shards/*.tar' --vocab OUT/vocab.txt --out OUT/run --image-size 32 ...
   python evaluate.py zeroshot --checkpoint OUT/run --images OUT/heldout --json OUT/zeroshot.json
 The folder names are the class names: "seven" is embedded as the mean of CLIP's 80 prompts ("a photo of
@@ -137,7 +137,7 @@ def check(out, seed=0, noisy=0.2, steps=600, batch_size=64, image_size=32, worke
     print(f"{counts['train']} training pairs ({counts['unrelated']} unrelated captions, {counts['wrong']} naming a "
           f"wrong digit), {counts['heldout']} held-out digits -> {out} ({seconds['write']:.0f} s)", flush=True)
     vocab = os.path.join(out, "vocab.txt")
-    seconds["vocab"] = run("data.py", "vocab", "--data", shards, "--size", "1000", "--out", vocab)
+    seconds["vocab"] = run("wordpiece.py", "vocab", "--data", shards, "--size", "1000", "--out", vocab)
     # Every recipe flag is given: the tiny preset's defaults are not this check's to depend on.
     seconds["train"] = run(
         "train.py", "--size", "tiny", "--data", shards, "--vocab", vocab, "--out", run_dir, "--seed", str(seed),

@@ -298,9 +298,14 @@ def _normalise_batch_bwd(eps, axis_name, saved, cotangents):
 
 
 def _varying_axes(x):
-    """The mesh axes along which x differs from device to device, inside shard_map (else none)."""
+    """The mesh axes along which x differs from device to device, inside shard_map (else none).
+
+    JAX has no public accessor for this part of a value's type (jax.typeof(x)): JAX >= 0.9 keeps it in
+    `manual_axis_type.varying`, older versions in `vma`. Where neither exists (check_vma=False, or outside
+    shard_map) nothing varies, and `_summed_over_copies` sums nothing, which is what that mode needs.
+    """
     t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)  # JAX >= 0.9; before, `vma`
+    mat = getattr(t, "manual_axis_type", None)
     return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
 
 
@@ -617,12 +622,6 @@ def from_hf(path_or_state_dict, config=None, prefix=None):
 # ----------------------------------------------------------------------------------------------------
 
 
-def count_params(cfg: Config):
-    """Parameter count (BatchNorm running statistics excluded), with no memory allocated."""
-    params, _ = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-
-
 def main():
     ap = argparse.ArgumentParser(description="EfficientNet trunks as ALIGN image towers: the size table.")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -630,7 +629,7 @@ def main():
     rows = []
     for name, cfg in CONFIGS.items():
         rows.append({"variant": name, "width": cfg.width, "depth": cfg.depth, "resolution": cfg.resolution,
-                     "blocks": sum(len(s) for s in cfg.blocks()), "params": count_params(cfg),
+                     "blocks": sum(len(s) for s in cfg.blocks()), "params": weights.count_params(jax.eval_shape(lambda: init(jax.random.key(0), cfg))[0]),
                      "features": cfg.features})
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -14,6 +14,7 @@ import pytest
 
 import bert
 import efficientnet as en
+import weights
 
 P = jax.sharding.PartitionSpec
 # Configs are frozen dataclasses, so jit can treat them as static; eager dispatch of every op is slow.
@@ -62,7 +63,7 @@ def test_efficientnet_param_counts_equal_published_trunks(name, published_total)
     """Published totals (Tan & Le 2019; Xie et al. 2020) minus the head conv, its BatchNorm and the classifier."""
     cfg = en.CONFIGS[name]
     head = cfg.features * cfg.channels(1280) + 2 * cfg.channels(1280) + cfg.channels(1280) * 1000 + 1000
-    assert en.count_params(cfg) == published_total - head
+    assert weights.count_params(jax.eval_shape(lambda: en.init(jax.random.key(0), cfg))[0]) == published_total - head
 
 
 def test_efficientnet_feature_widths_and_depths():
@@ -278,7 +279,8 @@ def test_efficientnet_remat_and_bfloat16_agree_with_float32():
 def test_bert_param_counts_equal_published(name, hf_total):
     """HF BertModel totals (30522 vocab, 512 positions) minus the pooler, which ALIGN does not use."""
     cfg = dataclasses.replace(bert.CONFIGS[name], vocab_size=30522, max_len=512)
-    assert bert.count_params(cfg) == hf_total - (cfg.width * cfg.width + cfg.width)
+    ours = weights.count_params(jax.eval_shape(lambda: bert.init(jax.random.key(0), cfg)))
+    assert ours == hf_total - (cfg.width * cfg.width + cfg.width)
     assert bert.CONFIGS["Large"].heads == 16 and bert.CONFIGS["Tiny"].heads == 2
 
 
@@ -489,7 +491,12 @@ def test_sharded_train_loss_and_gradients_equal_single_device():
     loss, metrics, s_new, g = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P("data"), P("data"), P("data")),
                                                     out_specs=P()))(params, state, pixels, ids, mask)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-    np.testing.assert_allclose(metrics["accuracy_i2t"], m_ref["accuracy_i2t"])
+    for name in m_ref:  # every logged value is the global one
+        np.testing.assert_allclose(metrics[name], m_ref[name], rtol=1e-5, err_msg=name)
+    f_img, _ = align.image_features(params, state, pixels, cfg, train=True)
+    np.testing.assert_allclose(m_ref["img_norm"], np.linalg.norm(np.asarray(f_img), axis=1).mean(), rtol=1e-5)
+    np.testing.assert_allclose(m_ref["txt_norm"], np.linalg.norm(align.text_features(params, ids, mask, cfg), axis=1).mean(),
+                               rtol=1e-5)
     assert _relative_error(g, g_ref) < 1e-4
     assert _relative_error(s_new, s_ref) < 1e-5
 
@@ -610,6 +617,9 @@ def test_model_dir_resolves_model_run_and_hf_directories(tmp_path):
     for d in ("ckpt_000000200", "ckpt_000000400", ".tmp_ckpt_000000600"):
         (run / d).mkdir(parents=True)
         (run / d / "align_config.json").write_text("{}")
+        (run / d / "train_state.json").write_text("{}")
+    (run / "ckpt_000000500").mkdir()  # half-deleted: no train_state.json
+    (run / "ckpt_000000500" / "align_config.json").write_text("{}")
     (run / "config.json").write_text("{}")
     hf.mkdir()
     (hf / "config.json").write_text("{}")

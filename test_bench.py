@@ -58,6 +58,12 @@ def test_retrieval_writes_json_and_stays_within_its_tiles(tmp_path):
         assert r["peak_mib"] < 1  # a handful of 64 x 64 tiles, not the 200 x 1000 matrix
 
 
+def test_data_pipeline_runs_on_one_shard(capsys):
+    """`bench.py data` end to end in this process: one shard of 64 JPEGs, one timed batch of 64 at 64x64."""
+    bench.main(["data", "--workers", "0", "--shards", "1", "--images", "64", "--batches", "1", "--image-size", "64"])
+    assert "images/s per core" in capsys.readouterr().out
+
+
 def test_every_subcommand_parses_with_its_defaults():
     for name in ("step", "versus-torch", "data", "retrieval", "towers"):
         args = bench.parser().parse_args([name])

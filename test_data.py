@@ -1,5 +1,5 @@
-"""Tests for data.py: tokenizer parity with HF, sources, preprocessing (Sec. 5), filters (Sec. 3), resume,
-multi-process sharding, worker processes and bad input. Tiny shards and images are made with PIL in tmp_path."""
+"""Tests for data.py: sources, preprocessing (Sec. 5), resume, multi-process sharding, worker processes, bad input,
+and the old command lines. Tiny shards and images are made with PIL in tmp_path (test_filters.py uses the helpers)."""
 import io
 import json
 import os
@@ -7,7 +7,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import unicodedata
 import zlib
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 import data
+import wordpiece
 
 # ---------------------------------------------------------------- helpers
 
@@ -49,13 +49,13 @@ WORDS = [f'w{i}' for i in range(200)]
 @pytest.fixture(scope='module')
 def word_vocab(tmp_path_factory) -> str:
     """A vocab where caption 'w17' is the single token w17, so batches can be traced back to samples."""
-    tokens = list(data.SPECIAL_TOKENS) + WORDS + list('abcdefghijklmnopqrstuvwxyz0123456789')
-    return data.write_vocab(tokens, str(tmp_path_factory.mktemp('vocab') / 'vocab.txt'))
+    tokens = list(wordpiece.SPECIAL_TOKENS) + WORDS + list('abcdefghijklmnopqrstuvwxyz0123456789')
+    return wordpiece.write_vocab(tokens, str(tmp_path_factory.mktemp('vocab') / 'vocab.txt'))
 
 
 @pytest.fixture(scope='module')
 def tok(word_vocab):
-    return data.Tokenizer(word_vocab)
+    return wordpiece.Tokenizer(word_vocab)
 
 
 def make_shards(root, counts: list[int]) -> list[str]:
@@ -92,141 +92,7 @@ def assert_batches_equal(a, b):
                 np.testing.assert_array_equal(x[k], y[k])
 
 
-# ---------------------------------------------------------------- tokenizer (Sec. 4.1)
-
-PARITY_VOCAB = (list(data.SPECIAL_TOKENS) +
-                ['hello', 'world', 'the', 'cafe', 'naive', 'un', '##aff', '##able', 'photo', 'of', '##s', 'σ', 'ο', 'δ',
-                 '##σ', '##ς', '##ο', '##δ', '東', '京', '中', '国', 'ß', 'straße', 'i', 'istanbul', '##ing', 'run'] +
-                list('abcdefghijklmnopqrstuvwxyz0123456789') + ['##' + c for c in 'abcdefghijklmnopqrstuvwxyz0123456789'] +
-                list('!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~¿¡«»—–…'))
-PARITY_CORPUS = [
-    '', ' ', 'Hello, World!', 'HELLO world', 'Café naïve façade — résumé', 'unaffable runnings', 'photos of the cafe',
-    '東京 is in 中国?', '東京中国', 'emoji 😀 and 🫨 and 👍🏽 here', 'tab\tnew\nline\rreturn', 'nul\x00 and \x0b \x7f ctrl',
-    'zero\u200bwidth and soft\u00adhyphen', 'nbsp\u00a0ideographic\u3000space line\u2028sep', 'ΟΔΟΣ οδοσ', 'Straße STRASSE',
-    'İstanbul', 'x' * 101, 'y' * 100, 'a' + 'b' * 150 + ' hello', 'a[SEP]b [CLS] [mask] [MASK]x', '[UNK][PAD]',
-    '¿Qué? ¡Sí! «guillemets» … end', 'price: $5.99 (50% off) #deal @shop', 'file frankfurt airport skyline 2017 05 jpg',
-    'image_tid 25&id mggqpuweqdpd&cache 0&lan_code 0', '\ufffd replacement \ufffd', 'ＦＵＬＬ width ｆｕｌｌ',
-    'Ｔｏｋｙｏ 東京タワー', 'a\U0002B820b \U0002B920 \U00020000', 'combining e\u0301 and a\u0308', 'ﬁ ligature ﬀ',
-    'hello ' * 80, 'w' + 'ing' * 33, '\U0010FFFF private \ue000 use', 'Ǆ ǅ ǆ titlecase', 'İİ ı I', 'ẞ capital sharp s',
-]
-
-
-@pytest.fixture(scope='module')
-def parity_vocab(tmp_path_factory) -> str:
-    return data.write_vocab(PARITY_VOCAB, str(tmp_path_factory.mktemp('pv') / 'vocab.txt'))
-
-
-@pytest.mark.parametrize('max_len', [8, 64])
-def test_tokenizer_ids_equal_hf_bert_tokenizer(parity_vocab, max_len):
-    transformers = pytest.importorskip('transformers')
-    hf = transformers.BertTokenizer(parity_vocab, do_lower_case=True)
-    ours = data.Tokenizer(parity_vocab)
-    ids_BL, mask_BL = ours.encode(PARITY_CORPUS, max_len)
-    ref = hf(PARITY_CORPUS, truncation=True, max_length=max_len, padding='max_length')
-    for text, ids, mask, ref_ids, ref_mask in zip(PARITY_CORPUS, ids_BL, mask_BL, ref['input_ids'], ref['attention_mask']):
-        assert ids.tolist() == ref_ids and mask.tolist() == ref_mask, text
-    assert ids_BL.dtype == mask_BL.dtype == np.int32 and ids_BL.shape == (len(PARITY_CORPUS), max_len)
-    assert (ids_BL[:, 0] == ours.cls_id).all()
-    # Truncation keeps [SEP] last; padding is [PAD] = 0.
-    long = ids_BL[PARITY_CORPUS.index('hello ' * 80)]
-    assert long[-1] == ours.sep_id and (ids_BL[0, 2:] == ours.pad_id).all() and ours.pad_id == 0
-
-
-def test_tokenizer_equals_hf_python_tokenizer_on_ordinary_text(parity_vocab):
-    """The legacy pure-Python HF tokenizer too, away from the few code points where it and Rust disagree."""
-    bert = pytest.importorskip('transformers.models.bert')
-    legacy = getattr(bert, 'BertTokenizerLegacy', None) or pytest.skip('no legacy tokenizer')
-    hf, ours = legacy(parity_vocab, do_lower_case=True), data.Tokenizer(parity_vocab)
-    corpus = [t for t in PARITY_CORPUS if not any(c in t for c in 'ΟΣ🫨\U0002B820\U0010FFFF')]
-    ref = hf(corpus, truncation=True, max_length=32, padding='max_length')['input_ids']
-    assert ours.encode(corpus, 32)[0].tolist() == ref
-
-
-def test_basic_tokenize_matches_hf_on_every_bmp_code_point():
-    """Per code point against HF's Rust normaliser + pre-tokeniser: differences only where HF's Unicode
-    tables are older than Python's (characters added to Unicode after 3.2, and 4 documented ones)."""
-    tokenizers = pytest.importorskip('tokenizers')
-    norm = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    pre = tokenizers.pre_tokenizers.BertPreTokenizer()
-    changed_since = {0x166D, 0x1734, 0x1885, 0x1886}  # categories Unicode changed after HF's tables
-    diffs = []
-    for cp in range(0x10000):
-        if 0xD800 <= cp <= 0xDFFF:
-            continue
-        text = 'x' + chr(cp) + 'Y'
-        if data.basic_tokenize(text) != [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))]:
-            diffs.append(cp)
-    unexplained = [hex(c) for c in diffs
-                   if unicodedata.ucd_3_2_0.category(chr(c)) != 'Cn' and c not in changed_since]
-    assert not unexplained and len(diffs) < 200
-
-
-def test_vocab_cli_learns_wordpiece_that_both_tokenizers_load(tmp_path):
-    tsv = tmp_path / 'pairs.tsv'
-    rows = [data._synthetic_scene(np.random.default_rng([0, 0, i]))[1] for i in range(300)]
-    rows += ['Überraschung café straße', 'unaffable unaffably', '東京 tower']
-    tsv.write_text('image\tcaption\n' + ''.join(f'img{i}.jpg\t{c}\n' for i, c in enumerate(rows)), encoding='utf-8')
-    out = tmp_path / 'vocab.txt'
-    data.main(['vocab', '--data', str(tsv), '--size', '300', '--out', str(out)])
-    tokens = out.read_text(encoding='utf-8').split('\n')[:-1]
-    assert tokens[:5] == list(data.SPECIAL_TOKENS) and len(tokens) == len(set(tokens)) <= 300
-    assert {'circle', 'triangle', 'purple', '##s'} <= set(tokens)  # frequent words became single tokens
-    ours = data.Tokenizer(str(out))
-    ids, _ = ours.encode(rows, 64)
-    assert not (ids == ours.unk_id).any()  # every training word splits into known pieces
-    transformers = pytest.importorskip('transformers')
-    ref = transformers.BertTokenizer(str(out), do_lower_case=True)(rows, truncation=True, max_length=64,
-                                                                       padding='max_length')['input_ids']
-    assert ids.tolist() == ref
-
-
-def test_learn_wordpiece_merges_most_frequent_pair_first():
-    # abab = a ##b ##a ##b. (a, ##b) occurs 10 * 1 + 3 times... plus nothing else as often: merged first.
-    # Then (##a, ##b) and (ab, ##a) tie at 10 and the smaller string wins: ##ab; then ab + ##ab.
-    # (c, ##d) occurs once, below min_count=2, so it is never merged.
-    specials = list(data.SPECIAL_TOKENS)
-    vocab = data.learn_wordpiece({'abab': 10, 'ab': 3, 'cd': 1}, vocab_size=100)
-    assert vocab == specials + ['##b', 'a', '##a', '##d', 'c', 'ab', '##ab', 'abab']
-    assert data.learn_wordpiece({'abab': 10, 'ab': 3}, vocab_size=10) == specials + ['##b', 'a', '##a', 'ab', '##ab']
-
-
-def test_synthetic_vocab_covers_synthetic_captions_and_loads_in_hf():
-    path = data.synthetic_vocab()
-    assert path == data.synthetic_vocab()  # deterministic: same content, same file
-    tokens = open(path, encoding='utf-8').read().split('\n')
-    assert tokens[:5] == list(data.SPECIAL_TOKENS)
-    tok = data.Tokenizer(path)
-    captions = [data._synthetic_scene(np.random.default_rng([3, 0, i]))[1] for i in range(2000)]
-    ids, _ = tok.encode(captions, 64)
-    assert not (ids == tok.unk_id).any()
-    transformers = pytest.importorskip('transformers')
-    ref = transformers.BertTokenizer(path, do_lower_case=True)(captions[:200], truncation=True, max_length=64,
-                                                                 padding='max_length')['input_ids']
-    assert ids[:200].tolist() == ref
-
-
-# ---------------------------------------------------------------- synthetic data
-
-
-def test_synthetic_captions_describe_images():
-    resize = data.resize_for(64)
-    named = noisy = 0
-    for i in range(200):
-        pixels, caption = data.synthetic_example(0, i, resize)
-        assert pixels.shape == (resize, resize, 3) and pixels.dtype == np.uint8
-        assert 3 <= len(caption.split()) <= 20
-        colours = [w for w in caption.split() if w in data.SYN_COLOURS]
-        if not any(s in caption for s in data.SYN_SHAPES):
-            noisy += 1
-            continue
-        named += 1
-        for colour in colours:  # each named colour is painted on at least a small object's area
-            distance = np.abs(pixels.astype(int) - data.SYN_COLOURS[colour]).sum(-1)
-            assert (distance < 100).sum() >= 15, (i, caption, colour)
-    assert 0.02 < noisy / 200 < 0.15 and named > 150
-    a, b = data.synthetic_example(0, 5, resize), data.synthetic_example(0, 5, resize)
-    assert (a[0] == b[0]).all() and a[1] == b[1]
-    assert data.synthetic_example(0, 5, resize, split=1)[0].tobytes() != a[0].tobytes()
+# ---------------------------------------------------------------- the synthetic source
 
 
 def test_synthetic_global_batch_independent_of_process_count(tok):
@@ -256,16 +122,6 @@ def test_synthetic_eval_is_finite_padded_and_held_out(tok):
     keys = [k for h in halves for b in h for k in b['keys'] if k]
     assert sorted(keys) == sorted(f'synthetic:{i}' for i in range(10))
 
-
-def test_written_synthetic_folder_is_the_eval_split(tok, tmp_path):
-    """`data.py synthetic` writes the held-out pairs; read back as a TSV they are the `synthetic:N` batch."""
-    assert data.main(['synthetic', '--out', str(tmp_path), '--count', '4', '--size', str(data.resize_for(32))]) is None
-    assert sorted(os.listdir(tmp_path)) == ['000000.png', '000001.png', '000002.png', '000003.png', 'pairs.tsv']
-    want = next(data.make_loader('synthetic:4', tokenizer=tok, global_batch=4, image_size=32, train=False))
-    got = next(data.make_loader(str(tmp_path / 'pairs.tsv'), tokenizer=tok, global_batch=4, image_size=32,
-                                train=False))
-    np.testing.assert_array_equal(got['ids'], want['ids'])
-    np.testing.assert_allclose(got['pixels'], want['pixels'], atol=1e-6)  # PNG is lossless
 
 
 # ---------------------------------------------------------------- preprocessing (Sec. 5)
@@ -505,67 +361,23 @@ def test_too_many_failures_raise_one_line_naming_the_shard(tmp_path, tok):
         next(data.make_loader(str(tmp_path / 'gone{0..3}.tar'), tokenizer=tok, global_batch=2, image_size=32))
 
 
-# ---------------------------------------------------------------- Sec. 3 filters
-
-
-def test_filter_removes_known_counts_per_rule(tmp_path, tok):
-    """Each rule removes a known number of pairs; thresholds 3 (images per text, texts per image) for size."""
-    common = ['red circle on grass', 'blue sky over the sea', 'a dog runs in the park', 'old town by the river',
-              'green tree near a house', 'yellow car on the road']
-    samples, n = [], 0
-
-    def add(caption, image=None, size=(240, 210)):
-        nonlocal n
-        samples.extend(pair_members(f'{n:04d}', caption, image or colour_image(n, size)))
-        n += 1
-    for c in common * 2:                             # kept: 12, every n-gram seen at least twice
-        add(c)
-    add(common[0], size=(200, 300))                  # image_too_small: a shorter side of 200 is not > 200
-    add(common[1], size=(201, 300))                  # kept
-    add(common[2], size=(900, 300))                  # image_aspect_ratio: 3 is not < 3
-    add(common[3], size=(897, 300))                  # kept
-    add(common[4], b'broken')                        # unreadable
-    shared = colour_image(999)
-    for c in common[:4]:                             # image_many_texts: one image with 4 alt-texts > 3
-        add(c + ' at noon', shared)
-    for _ in range(4):                               # text_many_images: one alt-text on 4 images > 3
-        add('a dog runs')
-    add('red circle')                                # text_length: 2 unigrams
-    add(' '.join(['red'] * 21))                      # text_length: 21 unigrams
-    add(' '.join(['red'] * 20))                      # kept: 20 unigrams
-    add('red circle on zyzzyva')                     # text_rare_token: 'zyzzyva' occurs once
-    add('red circle over grass')                     # text_rare_token: the bigram 'circle over' occurs once
-    write_tar(tmp_path / 'raw.tar', samples)
-    counts = {}
-    for caption in [m[1].decode() for m in samples if m[0].endswith('.txt')]:
-        w = data.unigrams(caption)
-        for g in w + [f'{a} {b}' for a, b in zip(w, w[1:])]:
-            counts[g] = counts.get(g, 0) + 1
-    top = sum(v >= 2 for v in counts.values())  # so the vocabulary is exactly the n-grams seen twice or more
-    out = tmp_path / 'out'
-    report = data.filter_pairs(str(tmp_path / 'raw.tar'), str(out), max_texts_per_image=3, max_images_per_text=3,
-                               top_ngrams=top, shard_size=5)
-    assert report['removed'] == {'unreadable': 1, 'image_too_small': 1, 'image_aspect_ratio': 1,
-                                 'image_many_texts': 4, 'text_many_images': 4, 'text_length': 2, 'text_rare_token': 2}
-    assert report['kept'] == 15 and report['input_pairs'] == 30 and report['shards'] == 3
-    assert json.loads((out / 'report.json').read_text()) == report
-    loader = data.make_loader(str(out / '*.tar'), tokenizer=tok, global_batch=4, image_size=32, train=False)
-    assert sum(b['valid'].sum() for b in loader) == 15 and loader.stats['bad'] == 0
-    data.main(['filter', '--data', str(tmp_path / 'raw.tar'), '--out', str(tmp_path / 'cli'),
-               '--max-texts-per-image', '3', '--max-images-per-text', '3', '--top-ngrams', str(top)])
-    assert json.loads((tmp_path / 'cli' / 'report.json').read_text())['removed'] == report['removed']
-    # With the paper's thresholds (1000 texts per image, 10 images per text, 100M n-grams) only the
-    # image-size, length and unreadable rules fire on this data.
-    paper = data.filter_pairs(str(tmp_path / 'raw.tar'), str(tmp_path / 'paper'))
-    assert paper['kept'] == 30 - 1 - 1 - 1 - 2
-
-
 # ---------------------------------------------------------------- the module itself
 
 
-def test_data_py_does_not_import_jax_and_bench_runs():
-    code = 'import sys, data; data.bench(workers=(0,), images=64, image_size=64); assert "jax" not in sys.modules'
+def test_data_py_and_the_files_below_it_do_not_import_jax():
+    code = ('import sys, data, filters, synthetic, wordpiece; tok = wordpiece.Tokenizer(synthetic.synthetic_vocab()); '
+            'print(next(data.make_loader("synthetic", tokenizer=tok, global_batch=4, image_size=32))["pixels"].shape); '
+            'assert "jax" not in sys.modules')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.abspath(data.__file__)))
     assert out.returncode == 0, out.stderr
-    assert 'images/s per core' in out.stdout
+    assert '(4, 32, 32, 3)' in out.stdout
+
+
+def test_old_data_py_commands_forward_to_their_new_files(tmp_path, capsys):
+    data.main(['vocab', '--data', 'synthetic', '--limit', '200', '--size', '100', '--out', str(tmp_path / 'vocab.txt')])
+    assert 'data.py vocab is now: python wordpiece.py vocab' in capsys.readouterr().err
+    assert (tmp_path / 'vocab.txt').read_text().split('\n')[:5] == list(wordpiece.SPECIAL_TOKENS)
+    data.main(['synthetic', '--out', str(tmp_path / 'synth'), '--count', '2', '--size', '16'])
+    assert 'data.py synthetic is now: python synthetic.py' in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / 'synth')) == ['000000.png', '000001.png', 'pairs.tsv']

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import align
-import data
+import synthetic
 import train
 import weights
 
@@ -107,7 +107,7 @@ def test_killed_while_checkpointing_then_resumed_equals_uninterrupted_run(tmp_pa
     finally:
         p.kill()
     assert sorted(os.listdir(killed)) == [".tmp_ckpt_000000004", "ckpt_000000002", "config.json", "metrics.jsonl"]
-    assert train.latest_checkpoint(killed) == os.path.join(killed, "ckpt_000000002")
+    assert align.checkpoints(killed)[-1] == os.path.join(killed, "ckpt_000000002")
     assert align.load(killed)[2].name == "tiny"  # the run directory resolves to step 2's whole checkpoint
     os.makedirs(os.path.join(killed, ".tmp_ckpt_000000003"))  # as a killed run with another --ckpt-every leaves
 
@@ -134,7 +134,7 @@ def test_table8_flags_reach_the_step_and_real_data_skips_the_synthetic_evaluatio
     """--fixed-temperature and --negatives-fraction (Table 8 rows 5-9) reach the loss: at a temperature of
     100 every logit is within 0.01 of 0, so the loss is 2 ln K, K the candidates per row (8 of the 16
     pairs at fraction 0.5, not 16). Data that is not synthetic and no --eval-data: no held-out scoring."""
-    pairs = os.path.join(data.write_synthetic(str(tmp_path / "pairs"), 16, size=39), "pairs.tsv")
+    pairs = os.path.join(synthetic.write_synthetic(str(tmp_path / "pairs"), 16, size=39), "pairs.tsv")
     out = str(tmp_path / "run")
     assert train.main(TINY + ["--data", pairs, "--steps", "1", "--out", out, "--fixed-temperature", "100",
                               "--negatives-fraction", "0.5"]) == 0
@@ -219,7 +219,7 @@ def test_memory_report_prints_a_row_and_does_not_train(tmp_path, capsys):
     """--memory-report compiles the step and reads XLA's memory analysis (the same program as the runs
     above, so the compile cache has it); it prints one README table row and writes nothing."""
     out = str(tmp_path / "run")
-    assert train.main(TINY + ["--steps", "4", "--memory-report", "--vocab", data.synthetic_vocab(), "--out", out]) == 0
+    assert train.main(TINY + ["--steps", "4", "--memory-report", "--vocab", synthetic.synthetic_vocab(), "--out", out]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = dict(zip(train.MEMORY_COLUMNS, (c.strip() for c in row.strip("|").split("|"))))
     units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}

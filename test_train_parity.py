@@ -25,8 +25,10 @@ import pytest
 
 import align
 import data
+import synthetic
 import train
 import weights
+import wordpiece
 
 P = jax.sharding.PartitionSpec
 B1, B2, EPS = 0.9, 0.999, 1e-6  # Adam's moments and epsilon, as train.make_optimizer sets them
@@ -99,7 +101,7 @@ def reference_run(params, grads_per_step, recipe):
 
 # The tiny model, its text tower sized for the synthetic data, with the learned temperature (a leaf
 # that must take Adam's step). lr 1e-3 and warm-up 10 are project issue 12's example.
-TOKENIZER = data.Tokenizer(data.synthetic_vocab())
+TOKENIZER = wordpiece.Tokenizer(synthetic.synthetic_vocab())
 TINY = dataclasses.replace(align.SIZES["tiny"], text=dataclasses.replace(
     align.SIZES["tiny"].text, vocab_size=len(TOKENIZER.vocab), max_len=16))
 LAMB = dataclasses.replace(train.RECIPES["L2"], optimizer="lamb", lr=1e-3, warmup_steps=10, steps=1000,

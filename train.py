@@ -24,6 +24,7 @@ Deviations from the paper's recipe, and details it leaves open:
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -41,7 +42,10 @@ import bert
 import data
 import efficientnet as en
 import evaluate
+import metrics
+import synthetic
 import weights
+import wordpiece
 
 P = jax.sharding.PartitionSpec
 
@@ -232,7 +236,7 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across):
 
     def step(params, state, opt_state, pixels, ids, mask, rng):
         rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))  # stochastic depth differs per device
-        (loss, (metrics, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
+        (loss, (logged, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
             params, state, pixels, ids, mask, cfg, rng, axis_name="data", bn_axis_name=bn_axis,
             label_smoothing=recipe.label_smoothing, negatives_fraction=recipe.negatives_fraction)
         grads = jax.lax.pmean(grads, "data")  # align.contrastive_loss's contract: pmean, never psum
@@ -247,7 +251,7 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across):
         # conditional, not a select per array: with selects XLA:CPU compiled tiny's step in 46 s, not
         # 27 s, and planned 23% more temporary memory.)
         params, state, opt_state = jax.lax.cond(finite, update, lambda *old: old, params, state, opt_state)
-        return params, state, opt_state, dict(metrics, finite=finite.astype(jnp.float32))
+        return params, state, opt_state, dict(logged, finite=finite.astype(jnp.float32))
 
     rep = P()
     return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(rep, rep, rep, P("data"), P("data"), P("data"), rep),
@@ -286,8 +290,8 @@ def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state
         json.dump(train_state, f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(d for d in os.listdir(out) if d.startswith("ckpt_"))[:-keep]:
-        shutil.rmtree(os.path.join(out, old), ignore_errors=True)
+    for old in align.checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -309,12 +313,6 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def latest_checkpoint(out):
-    ckpts = sorted(d for d in os.listdir(out) if d.startswith("ckpt_")
-                   and os.path.exists(os.path.join(out, d, "train_state.json"))) if os.path.isdir(out) else []
-    return os.path.join(out, ckpts[-1]) if ckpts else None
-
-
 def load_checkpoint(path, cfg, optimizer):
     params, state, saved_cfg = align.load(path)
     if saved_cfg != cfg:
@@ -330,64 +328,6 @@ def load_checkpoint(path, cfg, optimizer):
                          f"with --init {path} to start from its weights")
     with open(os.path.join(path, "train_state.json")) as f:
         return params, state, opt_state, json.load(f)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-# Compiled once per process for each batch shape: held-out scoring and the attribute probes share them.
-_embed_images = jax.jit(align.embed_images, static_argnames="cfg")
-_embed_texts = jax.jit(align.embed_texts, static_argnames="cfg")
-
-
-def heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size, batch=64):
-    """(img_NE, txt_NE): embeddings of the held-out pairs, in order, one caption per image."""
-    imgs, txts = [], []
-    loader = data.make_loader(eval_data, tokenizer=tokenizer, global_batch=batch, image_size=image_size,
-                              train=False, max_len=cfg.text.max_len, workers=0)
-    for b in loader:
-        v = b["valid"]
-        imgs.append(np.asarray(_embed_images(params, state, b["pixels"], cfg=cfg))[v])
-        txts.append(np.asarray(_embed_texts(params, b["ids"], b["mask"], cfg=cfg))[v])
-    return np.concatenate(imgs), np.concatenate(txts)
-
-
-def attribute_accuracy(embed_texts, tokenizer, max_len, img_NE, batch=64):
-    """What a model learned of each attribute of the synthetic scenes: zero-shot top-1 accuracy in percent
-    on the held-out scenes of one group (`data.attribute_probes`), and chance. `embed_texts(ids, mask)`:
-    any model's L2-normalised text embeddings as numpy (bench.py's `learn` passes HF's)."""
-    probes = data.attribute_probes(len(img_NE))
-    texts = sorted({c for _, captions, _ in probes.values() for row in captions for c in row})
-    ids, mask = tokenizer.encode(texts + [""] * (-len(texts) % batch), max_len)  # whole batches
-    txt_TE = np.concatenate([embed_texts(ids[i:i + batch], mask[i:i + batch]) for i in range(0, len(ids), batch)])
-    row = {t: i for i, t in enumerate(texts)}
-    table = {}
-    for attribute, (index, captions, true) in probes.items():
-        cand_NVE = txt_TE[[[row[c] for c in r] for r in captions]]
-        table[attribute] = {"accuracy": evaluate.probe_accuracy(img_NE[index], cand_NVE, np.array(true)),
-                            "chance": 100.0 / len(captions[0]), "images": len(index)}
-    return table
-
-
-def final_evaluation(params, state, cfg, tokenizer, eval_data, image_size):
-    """Held-out retrieval R@1/5/10 both ways (Sec. 5.1's protocol), and per attribute on synthetic data."""
-    t0 = time.perf_counter()
-    img_NE, txt_NE = heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size)
-    n = len(img_NE)
-    r = evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(n))
-    print(f"held-out retrieval on {n} pairs ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
-    for name, key in (("image->text", "i2t"), ("text->image", "t2i")):
-        print(f"  {name} R@1 {r[key]['R@1']:.1f}  R@5 {r[key]['R@5']:.1f}  R@10 {r[key]['R@10']:.1f}")
-    result = {"pairs": n, **r}
-    if eval_data.startswith("synthetic"):
-        embed_texts = lambda ids, mask: np.asarray(_embed_texts(params, ids, mask, cfg=cfg))
-        result["attributes"] = attribute_accuracy(embed_texts, tokenizer, cfg.text.max_len, img_NE)
-        print(f"zero-shot accuracy per attribute, on the {result['attributes']['colour']['images']} held-out scenes "
-              "of one group (the true caption against the same caption with that attribute changed):")
-        for attribute, row in result["attributes"].items():
-            print(f"  {attribute:<9} {row['accuracy']:5.1f}%   (chance {row['chance']:.1f}%)")
-    return result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -433,7 +373,7 @@ def memory_report(args):
     # The word-embedding table is sized by the vocabulary: --vocab's, else the paper's 100k (Sec. 4.1).
     # Everything else is the program `train` would compile here (on CPU, depthwise convolutions as
     # shifted multiply-adds: efficientnet.Config.depthwise).
-    vocab_size = len(data.Tokenizer(args.vocab).vocab) if args.vocab else cfg.text.vocab_size
+    vocab_size = len(wordpiece.Tokenizer(args.vocab).vocab) if args.vocab else cfg.text.vocab_size
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     params, state = jax.eval_shape(lambda: align.init(jax.random.key(0), cfg))
@@ -459,17 +399,68 @@ def memory_report(args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Main loop
+# The run: set up, restore, the step loop, checkpoints, the final evaluation
 
 
-def train(args):
-    cfg, recipe = resolve(args)
+@dataclasses.dataclass
+class Run:
+    """What a training run holds from one phase to the next. The step loop replaces `params`, `state`
+    and `opt_state` (the step donates their buffers) and advances `progress`, the dict saved as a
+    checkpoint's train_state.json: step, data loader positions, skipped steps."""
+    args: argparse.Namespace
+    cfg: align.Config
+    recipe: Recipe
+    vocab: str
+    tokenizer: wordpiece.Tokenizer
+    mesh: jax.sharding.Mesh
+    optimizer: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    eval_data: str | None
+    params: dict = None
+    state: dict = None
+    opt_state: tuple = None
+    progress: dict = dataclasses.field(default_factory=lambda: {"step": 0, "data": None, "skipped_steps": 0})
+    resumed: bool = False
+
+    @property
+    def replicated(self):
+        """Parameters, optimizer and BatchNorm state, and the rng are global arrays replicated on every
+        device of every process: a plain array on one local device cannot enter a step that spans other
+        processes' devices."""
+        return jax.sharding.NamedSharding(self.mesh, P())
+
+
+def start_processes(args):
+    """Join the other hosts' processes (jax.distributed): at --coordinator, or as SLURM or a TPU pod says."""
     if args.coordinator:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     elif any(k in os.environ for k in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID")) and \
             int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-        jax.distributed.initialize()  # JAX detects the cluster (SLURM, TPU pods)
-    n_dev, p_id, p_count = jax.device_count(), jax.process_index(), jax.process_count()
+        jax.distributed.initialize()  # JAX detects the cluster
+
+
+def wait_for_every_process(name):
+    """A barrier that waits as long as the slowest process takes (here, to compile the step).
+
+    A device collective cannot be it: on CPU (Gloo) a cross-process collective waits only 30 s for the
+    others. JAX's coordination service has such a barrier, which JAX's own multi-process tests use, but
+    no public API for it (JAX 0.10): this is the one place that reaches into JAX's internals, and it
+    falls back to the public device barrier if they move.
+    """
+    try:
+        from jax._src.distributed import global_state
+        global_state.client.wait_at_barrier(name, 60 * 60 * 1000)
+    except (ImportError, AttributeError):
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def set_up(args):
+    """The run of the command line: the recipe (Sec. 5), the vocabulary, the mesh, the optimizer, and the
+    weights, restored from a checkpoint or --init when there is one; OUT/config.json records it all."""
+    cfg, recipe = resolve(args)
+    start_processes(args)
+    n_dev = jax.device_count()
     if recipe.batch_size % n_dev:
         raise UsageError(f"--batch-size {recipe.batch_size} is not divisible by the {n_dev} devices; "
                          f"use a multiple of {n_dev}")
@@ -480,144 +471,212 @@ def train(args):
             raise UsageError(str(e))
         if not any(os.path.exists(p) for p in paths):
             raise UsageError(f"--data {args.data!r}: no such file ({len(paths)} path(s) tried, e.g. {paths[0]})")
-    vocab = args.vocab or data.synthetic_vocab()
+    vocab = args.vocab or synthetic.synthetic_vocab()
     if not os.path.exists(vocab):
-        raise UsageError(f"--vocab {vocab} does not exist; build one with: python data.py vocab --data SRC --out vocab.txt")
-    tokenizer = data.Tokenizer(vocab)
+        raise UsageError(f"--vocab {vocab} does not exist; build one with: python wordpiece.py vocab --data SRC --out vocab.txt")
+    tokenizer = wordpiece.Tokenizer(vocab)
     # The vocabulary defines the embedding table (ALIGN's is 100k words, built from its data, Sec. 4.1).
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer.vocab)))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    # Parameters, optimizer and BatchNorm state, and the rng are global arrays replicated on every device
-    # of every process: made by jit with that output sharding, or put there from the same host values
-    # (a checkpoint) on every process. A plain array on one local device cannot enter a step that spans
-    # other processes' devices.
-    replicated = jax.sharding.NamedSharding(mesh, P())
-    params, state = jax.jit(align.init, static_argnums=1, out_shardings=replicated)(jax.random.key(args.seed), cfg)
-    optimizer, lr_schedule = make_optimizer(recipe, params)
-    train_state = {"step": 0, "data": None, "skipped_steps": 0}
+    optimizer, lr_schedule = make_optimizer(recipe, params=None)  # its masks apply to any tree
+    # Held-out pairs: --eval-data, or synthetic data's held-out split when training on synthetic data.
+    eval_data = args.eval_data or ("synthetic" if args.data.startswith("synthetic") else None)
+    run = Run(args, cfg, recipe, vocab, tokenizer, jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+              optimizer, lr_schedule, eval_data)
+    restore(run)
+    if jax.process_index() == 0:
+        os.makedirs(args.out, exist_ok=True)
+        resolved = {"model": align.config_to_dict(run.cfg), "recipe": dataclasses.asdict(recipe),
+                    "args": vars(args), "devices": n_dev, "processes": jax.process_count()}
+        print(json.dumps({"model": run.cfg.name, "image": run.cfg.image.name, "text": run.cfg.text.name,
+                          "embed_dim": run.cfg.embed_dim, **dataclasses.asdict(recipe), "devices": n_dev}))
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=1)
+    return run
 
-    resume = latest_checkpoint(args.out)
-    if resume:
-        params, state, opt_state, train_state = load_checkpoint(resume, cfg, optimizer)
-        params, state, opt_state = jax.device_put((params, state, opt_state), replicated)
-    elif args.init:
+
+def restore(run):
+    """The weights to start from: --out's newest checkpoint (resuming the run exactly), else --init's
+    model (fine-tuning, Sec. 5.1), else a fresh initialisation; all placed replicated."""
+    args, cfg = run.args, run.cfg
+    checkpoints = align.checkpoints(args.out)
+    if checkpoints:
+        params, state, opt_state, run.progress = load_checkpoint(checkpoints[-1], cfg, run.optimizer)
+        run.params, run.state, run.opt_state = jax.device_put((params, state, opt_state), run.replicated)
+        run.resumed = True
+        return
+    if args.init:
         params, state, init_cfg = align.load(args.init)
-        params, state = jax.device_put((params, state), replicated)
         if init_cfg.text.vocab_size != cfg.text.vocab_size:
             raise UsageError(f"--init {args.init} has a {init_cfg.text.vocab_size}-word vocabulary but --vocab has "
                              f"{cfg.text.vocab_size}; pass the vocab.txt that came with it")
-        cfg = dataclasses.replace(init_cfg, image_size=cfg.image_size, image=dataclasses.replace(init_cfg.image, dtype=cfg.image.dtype, remat=cfg.image.remat),
-                                  text=dataclasses.replace(init_cfg.text, dtype=cfg.text.dtype, remat=cfg.text.remat))
-    if not resume:
-        opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+        # Its architecture, with this run's image size, compute dtype and rematerialisation.
+        run.cfg = dataclasses.replace(
+            init_cfg, image_size=cfg.image_size,
+            image=dataclasses.replace(init_cfg.image, dtype=cfg.image.dtype, remat=cfg.image.remat),
+            text=dataclasses.replace(init_cfg.text, dtype=cfg.text.dtype, remat=cfg.text.remat))
+        run.params, run.state = jax.device_put((params, state), run.replicated)
+    else:
+        run.params, run.state = jax.jit(align.init, static_argnums=1, out_shardings=run.replicated)(
+            jax.random.key(args.seed), cfg)
+    run.opt_state = jax.jit(run.optimizer.init, out_shardings=run.replicated)(run.params)
 
-    if p_id == 0:
-        os.makedirs(args.out, exist_ok=True)
-        resolved = {"model": align.config_to_dict(cfg), "recipe": dataclasses.asdict(recipe),
-                    "args": vars(args), "devices": n_dev, "processes": p_count}
-        print(json.dumps({"model": cfg.name, "image": cfg.image.name, "text": cfg.text.name,
-                          "embed_dim": cfg.embed_dim, **dataclasses.asdict(recipe), "devices": n_dev}))
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=1)
 
-    # Held-out pairs: --eval-data, or synthetic data's held-out split when training on synthetic data.
-    eval_data = args.eval_data or ("synthetic" if args.data.startswith("synthetic") else None)
+def open_loader(run):
+    """This process's share of each global batch, from where the checkpoint left the data (data.py)."""
+    args, p_id = run.args, jax.process_index()
     workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 1) - 1)
-    loader = data.make_loader(args.data, tokenizer=tokenizer, global_batch=recipe.batch_size,
-                              image_size=recipe.image_size, train=True, seed=args.seed, process_index=p_id,
-                              process_count=p_count, max_len=cfg.text.max_len, workers=workers,
-                              state=train_state["data"][p_id] if train_state["data"] else None)
-    step_fn = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices).lower(
-        *step_shapes(mesh, params, state, opt_state, recipe.batch_size, recipe.image_size, cfg.text.max_len)).compile()
-    if p_count > 1:
-        # Compiling takes each process its own time, and on CPU (Gloo) the first cross-process step waits
-        # only 30 s for the others: wait for every process here, on the coordination service's barrier
-        # (as JAX's own multi-process tests do; it has no public wrapper).
-        from jax._src import distributed
-        distributed.global_state.client.wait_at_barrier("train.py: step compiled", 60 * 60 * 1000)
-    batch_sharding = jax.sharding.NamedSharding(mesh, P("data"))
-    to_global = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
+    return data.make_loader(args.data, tokenizer=run.tokenizer, global_batch=run.recipe.batch_size,
+                            image_size=run.recipe.image_size, train=True, seed=args.seed, process_index=p_id,
+                            process_count=jax.process_count(), max_len=run.cfg.text.max_len, workers=workers,
+                            state=run.progress["data"][p_id] if run.progress["data"] else None)
 
+
+def compile_step(run):
+    """`make_step` compiled for this run's shapes, before the first batch; every process waits for all."""
+    r = run.recipe
+    step_fn = make_step(run.cfg, r, run.optimizer, run.mesh, run.args.bn_across_devices).lower(
+        *step_shapes(run.mesh, run.params, run.state, run.opt_state, r.batch_size, r.image_size,
+                     run.cfg.text.max_len)).compile()
+    if jax.process_count() > 1:
+        wait_for_every_process("train.py: step compiled")
+    return step_fn
+
+
+def checkpoint(run, loader):
+    """OUT/ckpt_<step> (`save_checkpoint`). Every process calls it: the data positions are gathered
+    collectively, then process 0 writes."""
+    run.progress["data"] = gather_data_states(loader.state())
+    if jax.process_index() == 0:
+        save_checkpoint(run.args.out, run.progress["step"], run.params, run.state, run.opt_state, run.cfg,
+                        run.vocab, run.progress, run.args.keep, pause=run.args.pause_in_checkpoint == run.progress["step"])
+
+
+def _local(tree):
+    """Process 0's own copy of replicated arrays: evaluating the global ones would wait for the others."""
+    return jax.tree.map(lambda x: x.addressable_data(0), tree)
+
+
+class Log:
+    """The progress bar and OUT/metrics.jsonl (process 0): a row of the step's metrics every --log-every
+    steps, with the learning rate, the throughput since the last row and the skip counters."""
+
+    def __init__(self, run, loader):
+        from tqdm import tqdm
+        self.run, self.loader, self.on = run, loader, jax.process_index() == 0
+        self.bar = tqdm(total=run.recipe.steps, initial=run.progress["step"], disable=not self.on, dynamic_ncols=True)
+        path = os.path.join(run.args.out, "metrics.jsonl")
+        if self.on and run.resumed and os.path.exists(path):
+            # Rows after the checkpoint come from steps that a kill undid and that will run again.
+            with open(path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= run.progress["step"]]
+            weights.atomic_write(path, lambda f: f.write("".join(kept).encode()))
+        self.file = open(path, "a") if self.on else None
+        self.t_last, self.images = time.perf_counter(), 0
+
+    def step(self, m):
+        step, recipe = self.run.progress["step"], self.run.recipe
+        self.bar.update(1)
+        self.images += recipe.batch_size
+        if step % recipe.log_every and step != recipe.steps:
+            return
+        now = time.perf_counter()
+        row = {"step": step, **{k: float(v) for k, v in m.items()}, "lr": float(self.run.lr_schedule(step - 1)),
+               "images_per_s": self.images / (now - self.t_last), "skipped_steps": self.run.progress["skipped_steps"],
+               "skipped_samples": self.loader.stats.get("bad", 0)}
+        self.t_last, self.images = now, 0
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.4f}", lr=f"{row['lr']:.2e}",
+                             img_s=f"{row['images_per_s']:.0f}")
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def heldout_retrieval(self):
+        """Every --eval-every steps: held-out R@1 both ways, on process 0."""
+        run = self.run
+        if not (run.recipe.eval_every and run.progress["step"] % run.recipe.eval_every == 0 and self.on
+                and run.eval_data):
+            return
+        img_NE, txt_NE = evaluate.heldout_embeddings(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
+                                            run.eval_data, run.recipe.image_size)
+        r = metrics.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
+        self.bar.write(f"step {run.progress['step']}: held-out retrieval ({len(img_NE)} pairs) "
+                       f"i2t R@1 {r['i2t']['R@1']:.1f}  t2i R@1 {r['t2i']['R@1']:.1f}")
+
+    def close(self):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+def step_loop(run, loader, step_fn):
+    """Sec. 5's loop to the recipe's last step: a global batch, one step of the optimizer, and, every so
+    often, a log row, held-out retrieval and a checkpoint. A SIGTERM (what a preemption sends) or
+    --stop-after checkpoints and stops early: returns what stopped it, or None at the last step."""
+    args, recipe, progress = run.args, run.recipe, run.progress
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    from tqdm import tqdm
-    bar = tqdm(total=recipe.steps, initial=train_state["step"], disable=p_id != 0, dynamic_ncols=True)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    if p_id == 0 and resume and os.path.exists(metrics_path):
-        # Rows after the checkpoint come from steps that a kill undid and that will run again.
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= train_state["step"]]
-        weights.atomic_write(metrics_path, lambda f: f.write("".join(kept).encode()))
-    metrics_file = open(metrics_path, "a") if p_id == 0 else None
-    consecutive_bad, t_last, images_since = 0, time.perf_counter(), 0
-    rng = jax.jit(lambda: jax.random.key(args.seed + 1), out_shardings=replicated)()
-    # Held-out retrieval runs on process 0 alone, so on its own copy of the replicated weights: a
-    # computation on the global arrays would wait for the other processes.
-    local = lambda tree: jax.tree.map(lambda x: x.addressable_data(0), tree)
-
-    def checkpoint():  # called on every process: the data positions are gathered collectively
-        train_state["data"] = gather_data_states(loader.state())
-        if p_id == 0:
-            save_checkpoint(args.out, train_state["step"], params, state, opt_state, cfg, vocab, train_state, args.keep,
-                            pause=args.pause_in_checkpoint == train_state["step"])
-
-    while train_state["step"] < recipe.steps:
-        batch = next(loader)
-        step = train_state["step"]
+    log = Log(run, loader)
+    rng = jax.jit(lambda: jax.random.key(args.seed + 1), out_shardings=run.replicated)()
+    to_global = functools.partial(jax.make_array_from_process_local_data, jax.sharding.NamedSharding(run.mesh, P("data")))
+    consecutive_bad = 0
+    while progress["step"] < recipe.steps:
+        step, batch = progress["step"], next(loader)
         if args.plant_nan_at == step:
             batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
-        params, state, opt_state, m = step_fn(params, state, opt_state, to_global(batch["pixels"]),
-                                              to_global(batch["ids"]), to_global(batch["mask"]),
-                                              jax.random.fold_in(rng, step))
-        train_state["step"] = step + 1
-        images_since += recipe.batch_size
-        if not bool(m["finite"]):
-            train_state["skipped_steps"] += 1
-            consecutive_bad += 1
-            if consecutive_bad >= args.max_skipped_steps:
-                raise UsageError(f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step}); "
-                                 f"stopped, the last good checkpoint is in {args.out}; try a lower --lr")
-        else:
+        run.params, run.state, run.opt_state, m = step_fn(
+            run.params, run.state, run.opt_state, to_global(batch["pixels"]), to_global(batch["ids"]),
+            to_global(batch["mask"]), jax.random.fold_in(rng, step))
+        progress["step"] = step + 1
+        if bool(m["finite"]):
             consecutive_bad = 0
-        bar.update(1)
-        if (step + 1) % recipe.log_every == 0 or step + 1 == recipe.steps:
-            now = time.perf_counter()
-            row = {"step": step + 1, **{k: float(v) for k, v in m.items()}, "lr": float(lr_schedule(step)),
-                   "images_per_s": images_since / (now - t_last), "skipped_steps": train_state["skipped_steps"],
-                   "skipped_samples": loader.stats.get("bad", 0)}
-            t_last, images_since = now, 0
-            bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.4f}", lr=f"{row['lr']:.2e}",
-                            img_s=f"{row['images_per_s']:.0f}")
-            if metrics_file:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-        if recipe.eval_every and (step + 1) % recipe.eval_every == 0 and p_id == 0 and eval_data:
-            img_NE, txt_NE = heldout_embeddings(local(params), local(state), cfg, tokenizer, eval_data, recipe.image_size)
-            r = evaluate.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
-            bar.write(f"step {step + 1}: held-out retrieval ({len(img_NE)} pairs) i2t R@1 {r['i2t']['R@1']:.1f}  "
-                      f"t2i R@1 {r['t2i']['R@1']:.1f}")
+        else:  # the step kept the weights as they were (make_step)
+            consecutive_bad += 1
+            progress["skipped_steps"] += 1
+        if consecutive_bad >= args.max_skipped_steps:
+            raise UsageError(f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step}); "
+                             f"stopped, the last good checkpoint is in {args.out}; try a lower --lr")
+        log.step(m)
+        log.heldout_retrieval()
         if args.stop_after == step + 1:
             stop["signal"] = "--stop-after"
-        if p_count > 1 and any_process(stop["signal"] is not None) and not stop["signal"]:
+        if jax.process_count() > 1 and any_process(stop["signal"] is not None) and not stop["signal"]:
             # A preemption signal reaches each process at its own moment; all must stop after the same
             # step, or the others would wait forever in the checkpoint's collective.
             stop["signal"] = "a signal to another process"
         if (step + 1) % recipe.ckpt_every == 0 or stop["signal"]:
-            checkpoint()
+            checkpoint(run, loader)
         if stop["signal"]:
-            bar.write(f"stopped by {stop['signal']}: checkpoint written at step {step + 1}; exiting")
-            loader.close()
-            return 0
-    bar.close()
-    if train_state["step"] % recipe.ckpt_every:
-        checkpoint()
-    loader.close()
-    if p_id == 0 and not args.skip_final_eval and not eval_data:
-        print(f"no held-out evaluation: --data {args.data} is not synthetic and no --eval-data was given")
-    elif p_id == 0 and not args.skip_final_eval:
-        result = final_evaluation(local(params), local(state), cfg, tokenizer, eval_data, recipe.image_size)
-        with open(os.path.join(args.out, "retrieval.json"), "w") as f:
-            json.dump({"step": train_state["step"], **result}, f)
+            log.bar.write(f"stopped by {stop['signal']}: checkpoint written at step {step + 1}; exiting")
+            break
+    log.close()
+    return stop["signal"]
+
+
+def evaluate_at_end(run):
+    """Held-out retrieval of the final weights, and the synthetic attribute table: OUT/retrieval.json."""
+    if jax.process_index() != 0 or run.args.skip_final_eval:
+        return
+    if not run.eval_data:
+        print(f"no held-out evaluation: --data {run.args.data} is not synthetic and no --eval-data was given")
+        return
+    result = evaluate.heldout_evaluation(_local(run.params), _local(run.state), run.cfg, run.tokenizer, run.eval_data,
+                              run.recipe.image_size)
+    with open(os.path.join(run.args.out, "retrieval.json"), "w") as f:
+        json.dump({"step": run.progress["step"], **result}, f)
+
+
+def train(args):
+    """Set up (or restore) the run, step to the end of the recipe, checkpoint, evaluate."""
+    run = set_up(args)
+    loader = open_loader(run)
+    try:
+        stopped = step_loop(run, loader, compile_step(run))
+        if not stopped and run.progress["step"] % run.recipe.ckpt_every:
+            checkpoint(run, loader)  # the last step, when it was not a checkpoint step
+    finally:
+        loader.close()
+    if not stopped:
+        evaluate_at_end(run)
     return 0
 
 

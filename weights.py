@@ -9,6 +9,7 @@ JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {.
 """
 
 import json
+import math
 import os
 import struct
 
@@ -18,6 +19,12 @@ import numpy as np
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def count_params(tree):
+    """How many numbers a tree of arrays holds. Give it shapes to count without allocating, e.g.
+    `count_params(jax.eval_shape(lambda: bert.init(jax.random.key(0), cfg)))`."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def read_safetensors(path):
