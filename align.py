@@ -35,6 +35,7 @@ Deviations from the paper and from HF's `AlignModel`:
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -228,6 +229,7 @@ def _dense_init(key, d_in, d_out):
             "bias": jnp.zeros((d_out,), jnp.float32)}
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program: run op by op, each op would compile alone
 def init(key, cfg: Config):
     """(params, state): both towers, the projections, the raw temperature; state is BatchNorm's."""
     k_img, k_txt, k_iproj, k_tproj = jax.random.split(key, 4)
@@ -267,11 +269,13 @@ def text_features(params, ids_BL, mask_BL, cfg: Config):
     return cls_BD @ params["text_projection"]["kernel"] + params["text_projection"]["bias"]
 
 
+@functools.partial(jax.jit, static_argnames="cfg")  # compiled once per cfg and shape, even when called eagerly
 def embed_images(params, state, pixels_BHWC, cfg: Config):
     """L2-normalised float32 image embeddings [B, E] (evaluation mode: BatchNorm running averages)."""
     return l2_normalise(image_features(params, state, pixels_BHWC, cfg)[0])
 
 
+@functools.partial(jax.jit, static_argnames="cfg")  # compiled once per cfg and shape, even when called eagerly
 def embed_texts(params, ids_BL, mask_BL, cfg: Config):
     """L2-normalised float32 text embeddings [B, E]."""
     return l2_normalise(text_features(params, ids_BL, mask_BL, cfg))

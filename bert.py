@@ -25,6 +25,7 @@ Deviations from google-research/bert and HF's BertModel:
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 
@@ -96,6 +97,7 @@ def _init_layer(key, cfg: Config):
             "intermediate": _dense(k[4], D, F), "output": _dense(k[5], F, D), "output_ln": _layer_norm_init(D)}
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program: run op by op, each op would compile alone
 def init(key, cfg: Config):
     """Random parameters: {'embeddings': ..., 'layers': stacked over a leading axis of cfg.layers}."""
     k_word, k_pos, k_type, k_layers = jax.random.split(key, 4)

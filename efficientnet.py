@@ -26,6 +26,7 @@ Deviations from the TF reference (tensorflow/tpu models/official/efficientnet):
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 from typing import NamedTuple
@@ -218,6 +219,7 @@ def _draw(key, tree):
                                         for a in leaves])
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program: run op by op, each op would compile alone
 def init(key, cfg: Config):
     """Random parameters and fresh BatchNorm statistics: (params, state)."""
     stem = cfg.channels(cfg.stem_channels)

@@ -226,11 +226,6 @@ def _report_skipped(skipped, total):
 # Held-out scores of a training run (train.py, bench.py learn): retrieval, and per attribute on synthetic data
 
 
-# Compiled once per process for each batch shape: held-out scoring and the attribute probes share them.
-_embed_images = jax.jit(align.embed_images, static_argnames="cfg")
-_embed_texts = jax.jit(align.embed_texts, static_argnames="cfg")
-
-
 def heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size, batch=64):
     """(img_NE, txt_NE): embeddings of the held-out pairs, in order, one caption per image."""
     imgs, txts = [], []
@@ -238,8 +233,8 @@ def heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size, bat
                               train=False, max_len=cfg.text.max_len, workers=0)
     for b in loader:
         v = b["valid"]
-        imgs.append(np.asarray(_embed_images(params, state, b["pixels"], cfg=cfg))[v])
-        txts.append(np.asarray(_embed_texts(params, b["ids"], b["mask"], cfg=cfg))[v])
+        imgs.append(np.asarray(align.embed_images(params, state, b["pixels"], cfg))[v])
+        txts.append(np.asarray(align.embed_texts(params, b["ids"], b["mask"], cfg))[v])
     return np.concatenate(imgs), np.concatenate(txts)
 
 
@@ -271,7 +266,7 @@ def heldout_evaluation(params, state, cfg, tokenizer, eval_data, image_size):
         print(f"  {name} R@1 {r[key]['R@1']:.1f}  R@5 {r[key]['R@5']:.1f}  R@10 {r[key]['R@10']:.1f}")
     result = {"pairs": n, **r}
     if eval_data.startswith("synthetic"):
-        embed_texts = lambda ids, mask: np.asarray(_embed_texts(params, ids, mask, cfg=cfg))
+        embed_texts = lambda ids, mask: np.asarray(align.embed_texts(params, ids, mask, cfg))
         result["attributes"] = attribute_accuracy(embed_texts, tokenizer, cfg.text.max_len, img_NE)
         print(f"zero-shot accuracy per attribute, on the {result['attributes']['colour']['images']} held-out scenes "
               "of one group (the true caption against the same caption with that attribute changed):")
