@@ -242,3 +242,11 @@ def test_out_of_memory_gets_a_hint(monkeypatch, capsys):
     assert train.main(TINY) == 3
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: out of memory") and "--remat" in err
+
+
+def test_barrier_falls_back_to_a_device_barrier_without_the_coordination_service():
+    """train.wait_for_every_process reaches into JAX's internals for the coordination service's barrier
+    (no public API); without a service (one process, or the internals moved) it uses the device barrier."""
+    import jax
+    assert not jax.distributed.is_initialized()
+    train.wait_for_every_process("test: one process")  # returns: every process (this one) is there
