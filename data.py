@@ -17,6 +17,14 @@ Sources (`data` / `--data`):
 Command line: none of its own. `python data.py vocab|filter|synthetic|bench ...` are old names, kept as
 aliases of `python wordpiece.py vocab`, `python filters.py`, `python synthetic.py` and `python bench.py data`.
 
+Bad input is skipped and counted by reason (`Loader.stats`), never fatal one sample at a time: only when
+more than `max_bad_fraction` (0.5) of the last `bad_window` (1000) samples failed does the loader raise
+TooManyBadSamples, after which `state()` is that of the last batch returned. A worker process that dies
+is replaced and the samples it held are counted as 'worker_died'; the batches after it differ from an
+uninterrupted run's by those samples, a resume from a checkpoint written after it continues exactly, and
+one from before it reads them again (`Loader`). Workers exit when the process that started them dies,
+however it dies (workers.py).
+
 Dimension key: B batch rows on this process, L text length (max_len), H = W image size, C = 3 channels,
 N rows of one chunk of work sent to a worker process.
 
@@ -26,13 +34,11 @@ Deviations from the paper:
 - Synthetic images are never flipped: their captions say "left" and "right".
 """
 import collections
-import concurrent.futures
 import csv
 import glob
 import io
 import itertools
 import math
-import multiprocessing
 import os
 import re
 import sys
@@ -47,6 +53,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 import synthetic
 import wordpiece
+import workers
 
 RESIZE, CROP = 346, 289          # ALIGN Sec. 5: resize to 346x346, crop 289x289
 MAX_PIXELS = 89_478_485          # PIL's own decompression-bomb limit (1024**3 // 4 // 3 pixels)
@@ -65,6 +72,20 @@ CHUNK = 16  # samples per task sent to a worker: large enough to amortise the ha
 
 class BadSample(Exception):
     """A sample to skip; args[0] is the reason it is counted under."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """Systematic failure, not a few bad samples: more than `max_bad_fraction` of the last `bad_window`
+    samples failed, or a whole training epoch held no readable sample. One line; the attributes say
+    which reasons and shards (`worst`: [(shard, failures), ...], worst first) for a caller's own message."""
+
+    def __init__(self, message: str, failed: int = 0, window: int = 0, reasons: dict | None = None,
+                 worst: list | None = None):
+        super().__init__(message)
+        self.failed, self.window, self.reasons, self.worst = failed, window, reasons or {}, worst or []
+
+
+REPAIRED = ('caption_not_utf8',)  # reasons of inputs kept after a repair; every other reason is a skip
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -195,6 +216,9 @@ def read_shard(shard: Shard) -> Iterator[Raw]:
         return
     if not os.path.exists(shard.name):
         yield Raw(shard.name, None, '', None, 'shard_missing')
+        return
+    if os.path.getsize(shard.name) == 0:
+        yield Raw(shard.name, None, '', None, 'shard_empty')
         return
     key, image, ext, caption = None, None, '', None
 
@@ -358,7 +382,8 @@ def _shard_stream(shards: list[Shard], *, seed: int, train: bool, process_index:
             return
         if samples == 0 and group == 0:
             names = ', '.join(s.name for s in mine[:5])
-            raise RuntimeError(f'data.py: no readable sample in epoch {epoch} of process {process_index} ({names}, ...)')
+            raise TooManyBadSamples(f'data.py: no readable sample in epoch {epoch} of process {process_index} '
+                                    f'({names}, ...)', worst=[(s.name, 0) for s in mine[:5]])
         epoch, group = epoch + 1, 0
 
 
@@ -380,25 +405,44 @@ def _synthetic_stream(*, seed: int, size: int | None, train: bool, global_batch:
 
 # ---------------------------------------------------------------- loader
 
+class _Chunk(NamedTuple):
+    positions: list
+    keys: list            # to count the samples of a chunk lost with its worker
+    slot: int | None      # its rows of the shared memory
+    worker: object        # the workers.Worker holding it, or the results when there are no workers
+
+
 class Loader:
     """Iterator over batches {'pixels': float32 [B,H,W,3], 'ids': int32 [B,L], 'mask': int32 [B,L]}.
 
     Evaluation batches also carry 'valid': bool [B] (False on padding rows) and 'keys': list[str].
     `state()` is a small JSON-serialisable dict; `make_loader(..., state=s)` continues exactly there.
     `stats` counts samples and skipped or repaired inputs by reason; `examples` names the first keys.
+
+    Bad samples are skipped and counted, never fatal one by one: only when more than `max_bad_fraction`
+    of the last `bad_window` samples failed does `next` raise TooManyBadSamples, and then `state()` is
+    that of the last batch returned (a checkpoint written then resumes there; this loader cannot go on).
+
+    A worker process that dies is replaced; the chunks it held (CHUNK samples each: the one it was
+    decoding and any queued to it) are skipped and counted as 'worker_died', and the batches fill up
+    from the samples after them. So the batches that follow differ from an uninterrupted run's by those
+    samples: a run resumed from a checkpoint written after the loss continues exactly as it would have,
+    one resumed from an earlier checkpoint reads the lost samples again (as if no worker had died).
     """
 
-    def __init__(self, stream, cfg, *, batch, train, workers, num_batches, max_bad_fraction, fingerprint, state):
+    def __init__(self, stream, cfg, *, batch, train, workers, num_batches, max_bad_fraction, bad_window,
+                 fingerprint, state):
         self._pool = None
         self._stream, self._cfg, self._batch, self._train = stream, cfg, batch, train
-        self._workers, self._num_batches, self._max_bad = workers, num_batches, max_bad_fraction
+        self._workers, self._num_batches = workers, num_batches
+        # The last bad_window samples, None or (shard, reason): stopping is for failure that persists.
+        self._max_bad, self._window, self._window_failed = max_bad_fraction, collections.deque(maxlen=bad_window), 0
         self._fingerprint = fingerprint
         state = state or {'position': [0, 0, 0], 'batches': 0, 'stats': {}, 'examples': {}}
         self._position, self._batches = list(state['position']), state['batches']
         self.stats = collections.Counter(state['stats'])
         self.examples = {k: list(v) for k, v in state['examples'].items()}
-        self._bad_shards = collections.Counter()
-        self._pending = collections.deque()   # (positions, shared-memory slot, future or results), oldest first
+        self._pending = collections.deque()   # _Chunk, oldest first
         self._ready = collections.deque()     # (position, result) of the oldest finished chunk
         self._inflight = max(2 * workers, math.ceil(2 * batch / CHUNK)) if workers else 1
         self._done = False
@@ -406,6 +450,25 @@ class Loader:
     def state(self) -> dict:
         return {'position': list(self._position), 'batches': self._batches, 'stats': dict(self.stats),
                 'examples': {k: list(v) for k, v in self.examples.items()}, 'config': self._fingerprint}
+
+    def counts(self) -> dict:
+        """Per-reason counts for a log row: {'skipped_not_image': 3, 'repaired_caption_not_utf8': 1, ...}."""
+        return {f'{"repaired" if r in REPAIRED else "skipped"}_{r}': n for r, n in sorted(self.stats.items())
+                if r not in ('samples', 'bad')}
+
+    def summary(self) -> str:
+        """One line: samples read, skipped and repaired by reason, and shards skipped or cut short."""
+        def listed(reasons):
+            return ', '.join(f'{r} {self.stats[r]:,}' for r in sorted(reasons))
+        reasons = [r for r in self.stats if r not in ('samples', 'bad')]
+        skipped = [r for r in reasons if r not in REPAIRED and not r.startswith('shard_')]
+        repaired = [r for r in reasons if r in REPAIRED]
+        shards = [r for r in reasons if r.startswith('shard_')]
+        line = f'data: {self.stats["samples"]:,} samples read, {self.stats["bad"]:,} skipped'
+        line += f' ({listed(skipped)})' if skipped else ''
+        line += f', {sum(self.stats[r] for r in repaired):,} repaired ({listed(repaired)})' if repaired else ''
+        line += f'; shards: {listed(shards)}' if shards else ''
+        return line
 
     def __iter__(self):
         return self
@@ -417,33 +480,53 @@ class Loader:
                 self._done = True
                 break
             positions, tasks = [p for p, _ in chunk], [t for _, t in chunk]
+            keys = [t[0] for t in tasks]
             if not self._workers:
-                self._pending.append((positions, None, _process_chunk(tasks, cfg=self._cfg)))
+                self._pending.append(_Chunk(positions, keys, None, _process_chunk(tasks, cfg=self._cfg)))
                 continue
             if self._pool is None:
                 size = self._inflight * CHUNK * self._cfg.image_size ** 2 * 3
                 self._shared = shared_memory.SharedMemory(create=True, size=size)
                 self._free_slots = list(range(self._inflight))
-                # Never fork: the parent may already run jax's threads, which a fork would copy mid-flight.
-                self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self._workers, multiprocessing.get_context('spawn'), _init_worker,
-                    (self._cfg._replace(shared=self._shared.name),))
-            slot = self._free_slots.pop()
-            self._pending.append((positions, slot, self._pool.submit(_process_chunk, tasks, slot)))
+                self._pool = workers.Pool(self._workers, _init_worker, _process_chunk,
+                                          self._cfg._replace(shared=self._shared.name))
+            held = collections.Counter(id(c.worker) for c in self._pending)
+            i = min(range(self._workers), key=lambda i: held[id(self._pool.workers[i])])  # the least busy
+            if not self._pool.alive(i):
+                self._pool.replace(self._pool.workers[i])
+            worker, slot = self._pool.workers[i], self._free_slots.pop()
+            try:
+                worker.tasks.send((slot, tasks))
+            except OSError:  # it died just now: its chunk is lost with the others it held
+                pass
+            self._pending.append(_Chunk(positions, keys, slot, worker))
+
+    def _receive(self, chunk: _Chunk) -> list:
+        """A worker's results for `chunk` (its pixels in the shared memory); a dead worker's chunk is lost."""
+        try:
+            results = chunk.worker.results.recv()
+        except (EOFError, OSError):  # the worker died (SIGKILL, out of memory, a crash in a decoder)
+            if chunk.worker in self._pool.workers:
+                self._pool.replace(chunk.worker)
+            return [(key, 'worker_died', None, None, None, None) for key in chunk.keys]
+        if isinstance(results, BaseException):
+            raise results
+        pixels_NHWC = _slot_NHWC(self._shared.buf, chunk.slot, self._cfg.image_size)
+        results = [r[:3] + (None if r[1] else pixels_NHWC[j].copy(),) + r[4:] for j, r in enumerate(results)]
+        del pixels_NHWC  # a live view would keep the shared memory from closing
+        return results
 
     def _next_result(self):
         if not self._ready:
             self._fill()
             if not self._pending:
                 return None
-            positions, slot, results = self._pending.popleft()
-            if slot is not None:
-                results = results.result()
-                pixels_NHWC = _slot_NHWC(self._shared.buf, slot, self._cfg.image_size)
-                results = [r[:3] + (None if r[1] else pixels_NHWC[j].copy(),) + r[4:] for j, r in enumerate(results)]
-                del pixels_NHWC  # a live view would keep the shared memory from closing
-                self._free_slots.append(slot)
-            self._ready.extend(zip(positions, results))
+            chunk = self._pending.popleft()
+            results = chunk.worker
+            if chunk.slot is not None:
+                results = self._receive(chunk)
+                self._free_slots.append(chunk.slot)
+            self._ready.extend(zip(chunk.positions, results))
             self._fill()  # keep the workers busy while this process assembles the batch
         return self._ready.popleft()
 
@@ -456,27 +539,42 @@ class Loader:
                 self.stats[r] += 1
                 if len(self.examples.setdefault(r, [])) < 5:
                     self.examples[r].append(key)
-        if reason and not shard_level:
+        if shard_level:
+            return  # a shard is not a sample: it does not count towards the fraction
+        if reason:
             self.stats['bad'] += 1
-            self._bad_shards[key.rsplit(':', 1)[0]] += 1
-        seen, bad = self.stats['samples'], self.stats['bad']
-        if seen >= 100 and bad > self._max_bad * seen:
-            reasons = ', '.join(f'{r} {n}' for r, n in sorted(self.stats.items()) if r not in ('samples', 'bad'))
-            worst = ', '.join(f'{s} ({n})' for s, n in self._bad_shards.most_common(5))
-            raise RuntimeError(f'data.py: {bad} of {seen} samples failed (> max_bad_fraction={self._max_bad}): '
-                               f'{reasons}; worst shards: {worst}')
+        if len(self._window) == self._window.maxlen:
+            self._window_failed -= self._window[0] is not None  # about to leave the window
+        self._window.append((key.rsplit(':', 1)[0], reason) if reason else None)
+        self._window_failed += reason is not None
+        if len(self._window) == self._window.maxlen and self._window_failed > self._max_bad * len(self._window):
+            raise self._too_many([f for f in self._window if f])
+
+    def _too_many(self, failed: list) -> TooManyBadSamples:
+        reasons = collections.Counter(r for _, r in failed).most_common()
+        worst = collections.Counter(s for s, _ in failed).most_common(3)
+        return TooManyBadSamples(
+            f'data.py: {len(failed)} of the last {len(self._window)} samples failed (more than max_bad_fraction='
+            f'{self._max_bad}): {", ".join(f"{r} {n}" for r, n in reasons)}; worst shards: '
+            f'{", ".join(f"{s} ({n})" for s, n in worst)}', len(failed), len(self._window), dict(reasons), worst)
 
     def __next__(self) -> dict:
-        rows = []
-        while len(rows) < self._batch:
-            item = self._next_result()
-            if item is None:
-                break
-            position, (key, reason, repaired, pixels_HWC, ids_L, mask_L) = item
-            self._position = [position[0], position[1], position[2] + 1]
-            self._count(key, reason, repaired)
-            if reason is None:
-                rows.append((key, pixels_HWC, ids_L, mask_L))
+        rows, before = [], self.state()
+        try:
+            while len(rows) < self._batch:
+                item = self._next_result()
+                if item is None:
+                    break
+                position, (key, reason, repaired, pixels_HWC, ids_L, mask_L) = item
+                self._position = [position[0], position[1], position[2] + 1]
+                self._count(key, reason, repaired)
+                if reason is None:
+                    rows.append((key, pixels_HWC, ids_L, mask_L))
+        except TooManyBadSamples:
+            # Back to the last batch returned, so that a checkpoint written now resumes after it.
+            self._position, self.stats = before['position'], collections.Counter(before['stats'])
+            self.examples = before['examples']
+            raise
         if self._num_batches is not None and self._batches >= self._num_batches:
             if rows:
                 raise ValueError(f'data.py: this process has more than num_batches={self._num_batches} batches')
@@ -507,7 +605,7 @@ class Loader:
 
     def close(self):
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
             self._pool = None
             self._shared.close()
             self._shared.unlink()
@@ -525,8 +623,8 @@ class Loader:
 def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int, image_size: int = CROP, train: bool = True,
                 seed: int = 0, process_index: int = 0, process_count: int = 1, max_len: int = 64, workers: int = 0,
                 shuffle_buffer: int = 1000, interleave: int = 4, rows_per_shard: int = 1000,
-                num_batches: int | None = None, max_bad_fraction: float = 0.05, max_pixels: int = MAX_PIXELS,
-                state: dict | None = None) -> Loader:
+                num_batches: int | None = None, max_bad_fraction: float = 0.5, bad_window: int = 1000,
+                max_pixels: int = MAX_PIXELS, state: dict | None = None) -> Loader:
     """Batches of this process's share (global_batch / process_count rows) of `data`.
 
     train=True: an endless stream (random crop + flip, shuffled, deterministic in seed).
@@ -554,7 +652,7 @@ def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int,
                                process_count=process_count, interleave=interleave,
                                shuffle_buffer=shuffle_buffer, start=start)
     return Loader(stream, cfg, batch=batch, train=train, workers=workers, num_batches=num_batches,
-                  max_bad_fraction=max_bad_fraction, fingerprint=fingerprint, state=state)
+                  max_bad_fraction=max_bad_fraction, bad_window=bad_window, fingerprint=fingerprint, state=state)
 
 
 def read_samples(data: str, limit: int | None = None, images: bool = True) -> Iterator[Raw]:

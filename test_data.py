@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import time
 import zlib
 
 import numpy as np
@@ -347,18 +348,137 @@ def test_bad_inputs_are_skipped_counted_and_named(tmp_path, tok):
     assert loader.stats['decompression_bomb'] == 1 and loader.stats['missing_image'] == 1
 
 
-def test_too_many_failures_raise_one_line_naming_the_shard(tmp_path, tok):
+def test_only_a_persistent_majority_of_failures_stops_and_the_state_is_the_last_batch(tmp_path, tok):
     members = [m for i in range(120) for m in pair_members(f'{i:03d}', 'w1', colour_image(i) if i % 3 else b'junk')]
-    write_tar(tmp_path / 'rotten.tar', members)
+    write_tar(tmp_path / 'rotten.tar', members)  # a third of it is not images
     make_shards(tmp_path, [30])
-    loader = data.make_loader(str(tmp_path / '*.tar'), tokenizer=tok, global_batch=8, image_size=32,
-                              max_bad_fraction=0.2)
-    with pytest.raises(RuntimeError) as err:
-        take(loader, 40)
+    kw = dict(tokenizer=tok, global_batch=8, image_size=32, interleave=1, shuffle_buffer=1)
+    loader = data.make_loader(str(tmp_path / '*.tar'), **kw)  # the default: more than half of the last 1,000
+    take(loader, 40)
+    assert loader.stats['not_image'] >= 40 and loader.counts()['skipped_not_image'] == loader.stats['not_image']
+    assert 'skipped (not_image' in loader.summary()
+    loader = data.make_loader(str(tmp_path / '*.tar'), max_bad_fraction=0.25, bad_window=30, **kw)
+    batches = []
+    with pytest.raises(data.TooManyBadSamples) as err:
+        while True:
+            state = loader.state()
+            batches.append(next(loader))
     message = str(err.value)
     assert '\n' not in message and 'rotten.tar' in message and 'not_image' in message
-    with pytest.raises(RuntimeError, match='no readable sample'):
+    assert err.value.worst[0][0].endswith('rotten.tar') and err.value.reasons == {'not_image': err.value.failed}
+    assert err.value.failed > 0.25 * 30 and err.value.window == 30
+    assert loader.state() == state  # the last batch returned: a checkpoint now resumes after it
+    again = data.make_loader(str(tmp_path / '*.tar'), state=json.loads(json.dumps(state)), max_bad_fraction=1.0, **kw)
+    uninterrupted = take(data.make_loader(str(tmp_path / '*.tar'), max_bad_fraction=1.0, **kw), len(batches) + 2)
+    assert_batches_equal(batches + take(again, 2), uninterrupted)
+    with pytest.raises(data.TooManyBadSamples, match='no readable sample'):
         next(data.make_loader(str(tmp_path / 'gone{0..3}.tar'), tokenizer=tok, global_batch=2, image_size=32))
+
+
+def _gzip_tar(path, members):
+    with tarfile.open(path, 'w:gz') as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return str(path)
+
+
+@pytest.mark.parametrize('fault', ['cut_in_a_member', 'missing', 'zero_bytes', 'gzip', 'gzip_cut'])
+def test_broken_shards_are_read_or_skipped_and_counted(tmp_path, tok, fault):
+    make_shards(tmp_path, [3])  # 00000.tar: w0 w1 w2
+    members = [m for i in range(3, 7) for m in pair_members(f'{i:04d}', f'w{i}', colour_image(i))]
+    if fault in ('gzip', 'gzip_cut'):
+        name = _gzip_tar(tmp_path / 'b.tar.gz', members)
+    else:
+        name = write_tar(tmp_path / 'b.tar', members)
+    if fault == 'cut_in_a_member':
+        with tarfile.open(name) as t:
+            cut = t.getmembers()[4].offset_data + 10  # inside the third image
+        (tmp_path / 'b.tar').write_bytes(open(name, 'rb').read()[:cut])
+    elif fault == 'gzip_cut':
+        (tmp_path / 'b.tar.gz').write_bytes(open(name, 'rb').read()[:-300])
+    elif fault == 'zero_bytes':
+        (tmp_path / 'b.tar').write_bytes(b'')
+    elif fault == 'missing':
+        os.remove(name)
+    (tmp_path / 'list.txt').write_text(f'00000.tar\n{os.path.basename(name)}\n')
+    loader = data.make_loader(str(tmp_path / 'list.txt'), tokenizer=tok, global_batch=4, image_size=32, train=False)
+    got = [i for b in loader for i in sample_ids(b, tok)]
+    expected, reason = {'cut_in_a_member': ([0, 1, 2, 3, 4], 'shard_truncated'), 'missing': ([0, 1, 2], 'shard_missing'),
+                        'zero_bytes': ([0, 1, 2], 'shard_empty'), 'gzip': ([0, 1, 2, 3, 4, 5, 6], None),
+                        'gzip_cut': (None, 'shard_truncated')}[fault]
+    if expected is None:  # gzip cut near its end: the members before the cut, whichever those are
+        assert got[:3] == [0, 1, 2] and got == sorted(set(got)) and len(got) < 7
+    else:
+        assert got == expected
+    assert loader.stats['bad'] == 0 and loader.stats['samples'] == len(got)  # a shard is not a sample
+    if reason:
+        assert loader.stats[reason] == 1 and loader.examples[reason] == [name]
+        assert loader.counts() == {f'skipped_{reason}': 1} and f'shards: {reason} 1' in loader.summary()
+
+
+# ---------------------------------------------------------------- worker processes that die
+
+
+def _alive(pid: int) -> bool:
+    """A process that still runs (a zombie waiting for its reaper has exited)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_worker_is_replaced_and_its_samples_counted(tmp_path, tok):
+    (tmp_path / 'img').mkdir()
+    for i in range(200):  # one epoch is more than the test reads
+        (tmp_path / 'img' / f'{i}.png').write_bytes(colour_image(i, (40, 40)))
+    os.mkfifo(tmp_path / 'img' / 'stuck.png')  # opening it waits forever: the worker that reads it holds its chunk
+    rows = [f'img/{i}.png\tw{i}' for i in range(200)]
+    rows[40] = 'img/stuck.png\tw40'
+    (tmp_path / 'pairs.tsv').write_text('\n'.join(rows) + '\n')
+    with data.make_loader(str(tmp_path / 'pairs.tsv'), tokenizer=tok, global_batch=8, image_size=32, workers=2,
+                          shuffle_buffer=1) as loader:
+        batches = take(loader, 2)
+        stuck = [c for c in loader._pending if f'{tmp_path}/pairs.tsv[0:200]:40' in c.keys][0].worker
+        before = set(loader._pool._processes)
+        os.kill(stuck.process.pid, 9)  # as the OOM killer would
+        batches += take(loader, 5)
+        assert all(len(b['ids']) == 8 for b in batches)  # full batches throughout
+        assert stuck.process.pid not in loader._pool._processes and len(loader._pool._processes) == 2
+        assert len(set(loader._pool._processes) - before) == 1  # one new worker in its place
+        seen = [i for b in batches for i in sample_ids(b, tok)]
+        lost = loader.stats['worker_died']
+        assert lost >= data.CHUNK and lost % data.CHUNK == 0 and 40 not in seen
+        assert loader.stats['samples'] == len(seen) + lost == loader.state()['position'][2]
+        assert loader.examples['worker_died'][0].endswith(':32')  # the chunk of rows 32-47
+        missing = sorted(set(range(len(seen) + lost)) - set(seen))  # whole chunks, rows 32-47 first
+        assert seen == sorted(seen) and missing[:16] == list(range(32, 48)) and len(missing) == lost
+        assert {m // data.CHUNK for m in missing} == {m // data.CHUNK for m in missing[::data.CHUNK]}
+
+
+def test_workers_exit_when_the_training_process_is_killed(tmp_path):
+    code = ('import multiprocessing.resource_tracker as rt, sys, data, synthetic, wordpiece\n'
+            'tok = wordpiece.Tokenizer(synthetic.synthetic_vocab())\n'
+            'loader = data.make_loader("synthetic", tokenizer=tok, global_batch=16, image_size=32, workers=2)\n'
+            'next(loader)\n'
+            'print(*loader._pool._processes, rt._resource_tracker._pid, loader._shared.name, flush=True)\n'
+            'while True: next(loader)\n')
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(os.path.abspath(data.__file__)))
+    try:
+        *pids, shm = proc.stdout.readline().split()
+        pids = [int(p) for p in pids]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)  # two workers and the resource tracker
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and (any(_alive(p) for p in pids) or os.path.exists(f'/dev/shm/{shm.lstrip("/")}')):
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], 'orphans left running'
+    assert not os.path.exists(f'/dev/shm/{shm.lstrip("/")}'), 'shared memory left behind'
 
 
 # ---------------------------------------------------------------- the module itself

@@ -123,6 +123,10 @@ def parse_args(argv=None):
     ap.add_argument("--workers", type=int, default=None, help="data decoding processes (default: cores - 1)")
     ap.add_argument("--max-skipped-steps", type=int, default=10,
                     help="stop when this many consecutive steps have a non-finite loss or gradient")
+    ap.add_argument("--max-bad-fraction", type=float, default=0.5,
+                    help="checkpoint and stop when more than this fraction of the last --bad-window samples failed "
+                         "to load (bad samples are otherwise skipped and counted; 1 never stops)")
+    ap.add_argument("--bad-window", type=int, default=1000, help="samples that --max-bad-fraction looks back over")
     ap.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host without auto-detection")
     ap.add_argument("--num-processes", type=int)
     ap.add_argument("--process-id", type=int)
@@ -528,6 +532,7 @@ def open_loader(run):
     return data.make_loader(args.data, tokenizer=run.tokenizer, global_batch=run.recipe.batch_size,
                             image_size=run.recipe.image_size, train=True, seed=args.seed, process_index=p_id,
                             process_count=jax.process_count(), max_len=run.cfg.text.max_len, workers=workers,
+                            max_bad_fraction=args.max_bad_fraction, bad_window=args.bad_window,
                             state=run.progress["data"][p_id] if run.progress["data"] else None)
 
 
@@ -582,7 +587,7 @@ class Log:
         now = time.perf_counter()
         row = {"step": step, **{k: float(v) for k, v in m.items()}, "lr": float(self.run.lr_schedule(step - 1)),
                "images_per_s": self.images / (now - self.t_last), "skipped_steps": self.run.progress["skipped_steps"],
-               "skipped_samples": self.loader.stats.get("bad", 0)}
+               "skipped_samples": self.loader.stats.get("bad", 0), **self.loader.counts()}
         self.t_last, self.images = now, 0
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.4f}", lr=f"{row['lr']:.2e}",
                              img_s=f"{row['images_per_s']:.0f}")
@@ -596,8 +601,12 @@ class Log:
         if not (run.recipe.eval_every and run.progress["step"] % run.recipe.eval_every == 0 and self.on
                 and run.eval_data):
             return
-        img_NE, txt_NE = evaluate.heldout_embeddings(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
-                                            run.eval_data, run.recipe.image_size)
+        try:
+            img_NE, txt_NE = evaluate.heldout_embeddings(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
+                                                         run.eval_data, run.recipe.image_size)
+        except data.TooManyBadSamples as e:
+            self.bar.write(f"step {run.progress['step']}: no held-out retrieval, --eval-data failed: {e}")
+            return
         r = metrics.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
         self.bar.write(f"step {run.progress['step']}: held-out retrieval ({len(img_NE)} pairs) "
                        f"i2t R@1 {r['i2t']['R@1']:.1f}  t2i R@1 {r['t2i']['R@1']:.1f}")
@@ -611,7 +620,9 @@ class Log:
 def step_loop(run, loader, step_fn):
     """Sec. 5's loop to the recipe's last step: a global batch, one step of the optimizer, and, every so
     often, a log row, held-out retrieval and a checkpoint. A SIGTERM (what a preemption sends) or
-    --stop-after checkpoints and stops early: returns what stopped it, or None at the last step."""
+    --stop-after checkpoints and stops early: returns what stopped it, or None at the last step. Data that
+    fails systematically (data.TooManyBadSamples, --max-bad-fraction) checkpoints the last step and raises
+    one line (exit 2); single bad samples are only counted, in the log rows and the closing summary."""
     args, recipe, progress = run.args, run.recipe, run.progress
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -620,7 +631,17 @@ def step_loop(run, loader, step_fn):
     to_global = functools.partial(jax.make_array_from_process_local_data, jax.sharding.NamedSharding(run.mesh, P("data")))
     consecutive_bad = 0
     while progress["step"] < recipe.steps:
-        step, batch = progress["step"], next(loader)
+        step, batch, data_failure = progress["step"], None, None
+        try:
+            batch = next(loader)
+        except data.TooManyBadSamples as e:
+            data_failure = e
+        if jax.process_count() > 1 and any_process(data_failure is not None) and not data_failure:
+            data_failure = "another process's data failed (its own line says why)"
+        if data_failure:  # systematic, not a few bad samples: keep the last step's work, then one line
+            checkpoint(run, loader)
+            log.close()
+            raise UsageError(data_failure_line(data_failure, args, step))
         if args.plant_nan_at == step:
             batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
         run.params, run.state, run.opt_state, m = step_fn(
@@ -649,7 +670,22 @@ def step_loop(run, loader, step_fn):
             log.bar.write(f"stopped by {stop['signal']}: checkpoint written at step {step + 1}; exiting")
             break
     log.close()
+    if log.on:
+        print(loader.summary() + ("" if jax.process_count() == 1 else " (process 0's share)"))
     return stop["signal"]
+
+
+def data_failure_line(e, args, step):
+    """The one line a run that stopped on bad data ends with: what failed, where, and the flag to change."""
+    if not isinstance(e, data.TooManyBadSamples):
+        return f"{e}; checkpoint written at step {step} in {args.out}"
+    if not e.window:  # an epoch without a readable sample
+        return f"{e}; checkpoint written at step {step} in {args.out}; check --data"
+    reasons = ", ".join(f"{r} {n}" for r, n in e.reasons.items())
+    worst = ", ".join(f"{s} ({n})" for s, n in e.worst)
+    return (f"data: {e.failed} of the last {e.window} samples failed, more than --max-bad-fraction "
+            f"{args.max_bad_fraction} (--bad-window {args.bad_window}): {reasons}; worst shards: {worst}; "
+            f"checkpoint written at step {step} in {args.out}; fix or drop those shards, or raise --max-bad-fraction")
 
 
 def evaluate_at_end(run):
@@ -659,8 +695,12 @@ def evaluate_at_end(run):
     if not run.eval_data:
         print(f"no held-out evaluation: --data {run.args.data} is not synthetic and no --eval-data was given")
         return
-    result = evaluate.heldout_evaluation(_local(run.params), _local(run.state), run.cfg, run.tokenizer, run.eval_data,
-                              run.recipe.image_size)
+    try:
+        result = evaluate.heldout_evaluation(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
+                                             run.eval_data, run.recipe.image_size)
+    except data.TooManyBadSamples as e:
+        print(f"no held-out evaluation: --eval-data {run.eval_data} failed: {e}")
+        return
     with open(os.path.join(run.args.out, "retrieval.json"), "w") as f:
         json.dump({"step": run.progress["step"], **result}, f)
 
