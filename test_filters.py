@@ -1,4 +1,5 @@
-"""Tests for filters.py: each Sec. 3 rule removes the pairs it should, through the function and the command line."""
+"""Tests for filters.py: each Sec. 3 rule removes the pairs it should, through the function and the command line;
+captions without spaces are several unigrams; the n-gram table counts like a Counter."""
 import json
 
 import pytest
@@ -65,4 +66,44 @@ def test_filter_removes_known_counts_per_rule(tmp_path, tok):
     # image-size, length and unreadable rules fire on this data.
     paper = filters.filter_pairs(str(tmp_path / 'raw.tar'), str(tmp_path / 'paper'))
     assert paper['kept'] == 30 - 1 - 1 - 1 - 2
+    # The n-gram table holds the top-K it is asked for, from the function and from the command line.
+    assert paper['thresholds']['table_size'] == paper['thresholds']['top_ngrams'] == 100_000_000
+    assert json.loads((tmp_path / 'cli' / 'report.json').read_text())['thresholds']['table_size'] == top
+
+
+@pytest.mark.parametrize('caption,words', [
+    ('A red circle, on grass!', ['a', 'red', 'circle', 'on', 'grass']),     # punctuation is not a word
+    # CJK ideographs and kana; BERT uncased strips voicing marks as it strips accents (が -> か, で -> て)
+    ('猫がソファで寝ている', ['猫', 'か', 'ソ', 'フ', 'ァ', 'て', '寝', 'て', 'い', 'る']),
+    ('一只猫在沙发上', ['一', '只', '猫', '在', '沙', '发', '上']),
+    ('แมวดำนอนบนโซฟา', ['แ', 'ม', 'ว', 'ด', 'ำ', 'น', 'อ', 'น', 'บ', 'น', 'โ', 'ซ', 'ฟ', 'า']),  # Thai
+    ('Café au lait ☕ in 東京', ['cafe', 'au', 'lait', 'in', '東', '京']),  # mixed scripts; an emoji is no word
+])
+def test_unigrams_split_scripts_without_spaces(caption, words):
+    """Sec. 8: "none of the filters are language specific": a Chinese, Japanese or Thai caption, written
+    without spaces, is several unigrams (one a character), not one, so the length and rare-token rules see it."""
+    assert filters.unigrams(caption) == words
+
+
+def test_ngram_table_counts_exactly_when_it_fits_and_keeps_the_most_frequent():
+    """NgramCounts against collections.Counter: the same top-K when the table holds every n-gram (over
+    several merges), and the most frequent ones when it must drop some."""
+    import collections
+    import random
+    rng = random.Random(0)
+    captions = [[f'w{min(int(rng.expovariate(0.05)), 99)}' for _ in range(rng.randint(3, 8))] for _ in range(2000)]
+    exact, table = collections.Counter(), filters.NgramCounts(size=10_000)
+    for i, words in enumerate(captions):
+        exact.update(filters.ngrams(words))
+        table.add(filters.ngrams(words))
+        if i % 500 == 499:
+            table._merge()  # as every millionth hash does
+    assert table.counts.sum() == sum(exact.values()) and len(table.keys) == len(exact)
+    ranked = exact.most_common()
+    k = next(k for k in range(20, len(ranked)) if ranked[k - 1][1] > ranked[k][1])  # no tie at the cut-off
+    assert set(table.top(k).tolist()) == {filters._hash64(g.encode()) for g, _ in ranked[:k]}
+    small = filters.NgramCounts(size=k)  # pruned on the merge in top(): more than 2k n-grams
+    for words in captions:
+        small.add(filters.ngrams(words))
+    assert set(small.top(k).tolist()) == set(table.top(k).tolist())
 

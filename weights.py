@@ -1,7 +1,7 @@
 """Weight files with numpy only: safetensors, and HuggingFace `save_pretrained` directories.
 
 A downloaded checkpoint is data, not code: safetensors is a JSON header plus raw little-endian
-buffers, so it is read here with `np.frombuffer` and nothing is ever unpickled. A directory holding only
+buffers, so it is mapped here with `np.memmap` and nothing is ever unpickled. A directory holding only
 `pytorch_model.bin` (a pickle) is refused with a hint to convert it.
 
 Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes of
@@ -28,20 +28,32 @@ def count_params(tree):
 
 
 def read_safetensors(path):
-    """{name: numpy array} from a .safetensors file. bfloat16 tensors are widened to float32."""
+    """{name: numpy array} from a .safetensors file. bfloat16 tensors are widened to float32.
+
+    The file is mapped (read-only), not read: an L2 checkpoint with its optimizer state is about 10 GB,
+    and a tensor's pages are read only when it is used. The arrays keep the mapping open after this
+    returns and are not writable, so nothing can write through them into the file. (Files are replaced
+    by renaming, `atomic_write`, never rewritten in place, so a mapping never sees a file change.) On CPU,
+    `jax.device_put` may use the mapped pages without a copy; a step that donates its arguments still
+    writes its results elsewhere (test_train.py resumes from mapped checkpoints).
+    """
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-        data = f.read()
     header.pop("__metadata__", None)
+    size = os.path.getsize(path) - 8 - n
+    # np.asarray: plain ndarray views of the map (not np.memmap subclasses); their .base holds the map open.
+    # (np.memmap refuses an empty map: a file of empty tensors.)
+    data = (np.asarray(np.memmap(path, np.uint8, mode="r", offset=8 + n, shape=(size,))) if size
+            else np.empty(0, np.uint8))
     out = {}
     for name, t in header.items():
         begin, end = t["data_offsets"]
         buf = data[begin:end]
-        if t["dtype"] == "BF16":  # numpy has no bfloat16: it is the top half of a float32
-            a = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        if t["dtype"] == "BF16":  # numpy has no bfloat16: it is the top half of a float32 (a copy, in memory)
+            a = (buf.view("<u2").astype(np.uint32) << 16).view(np.float32)
         elif t["dtype"] in _DTYPES:
-            a = np.frombuffer(buf, np.dtype(_DTYPES[t["dtype"]]).newbyteorder("<"))
+            a = buf.view(np.dtype(_DTYPES[t["dtype"]]).newbyteorder("<"))
         else:
             raise ValueError(f"{path}: tensor {name!r} has dtype {t['dtype']}, which this reader does not know")
         out[name] = a.reshape(t["shape"])
