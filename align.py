@@ -14,6 +14,11 @@ mesh axis: each device all-gathers both embeddings and scores its own B rows aga
     txt_BE = embed_texts(params, ids_BL, mask_BL, SIZES['B7'])
     loss = contrastive_loss(img_BE, txt_BE, temperature(params, SIZES['B7']))
 
+Command line:
+  python align.py [--vocab-size N]                      the size table (Sec. 5, 6.1, Table 8-9)
+  python align.py export --checkpoint RUN --out DIR     a checkpoint as an HF directory that AlignModel and
+                                                        AlignProcessor load (weights, tokenizer, preprocessing)
+
 Dimension key:
   B  pairs on this device (the local batch; the whole batch when unsharded)
   N  pairs in the global batch, the candidates a row is scored against (B x number of devices)
@@ -29,7 +34,8 @@ Deviations from the paper and from HF's `AlignModel`:
   - The learned temperature is exp(raw) + 1/1024 (`learned_temperature`), positive by construction;
     the paper and HF learn the temperature itself, unconstrained.
   - HF's AlignModel is only representable when embed_dim equals the image features (it has no image
-    projection); `to_hf` writes our "SAME"-padded models for an even image size (see `to_hf`).
+    projection); `to_hf` writes our "SAME"-padded models for an even image size (see `to_hf`), so
+    `export_hf` of a model trained at 289 gives HF the crop side 288.
   - The logits matmul runs at float32 HIGHEST precision (no bfloat16 passes on TPU, no TF32 on GPU),
     because dividing by a temperature near 1/64 amplifies the rounding of the cosines 64 times.
 """
@@ -39,6 +45,7 @@ import functools
 import json
 import math
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +54,7 @@ import numpy as np
 import bert
 import efficientnet as en
 import weights
+import wordpiece
 
 # The smallest temperature `learned_temperature` can produce. It never binds in the paper's runs (the
 # learned value converges near 1/64, Sec. 6.1; the smallest fixed one in Table 8 is 1/128), but it stops
@@ -458,7 +466,8 @@ def to_hf(params, state, cfg: Config, path, image_size=None):
     if cfg.image.padding == "hf":
         square = list(cfg.image.hf_square_pad_blocks)
     elif image_size % 2:
-        raise ValueError(f"image_size={image_size} is odd: HF's padding cannot equal ours there; pick an even size")
+        raise ValueError(f"image_size={image_size} is odd: HF's padding cannot equal ours there; pick an even size "
+                         f"(`align.py export --image-size {image_size - 1}`: HF then crops {image_size - 1} px)")
     else:
         square = _hf_square_pad_blocks(cfg.image, image_size)
     i, t = cfg.image, cfg.text
@@ -469,9 +478,9 @@ def to_hf(params, state, cfg: Config, path, image_size=None):
               "num_block_repeats": [s.repeats for s in i.stages], "squeeze_expansion_ratio": i.se_ratio,
               "depthwise_padding": square, "hidden_dim": max(2560, i.channels(1280)), "image_size": image_size,
               "batch_norm_eps": i.bn_eps, "batch_norm_momentum": i.bn_momentum, "drop_connect_rate": i.drop_connect,
-              "hidden_act": "swish", "pooling_type": "mean", "num_channels": 3}
+              "hidden_act": i.activation, "pooling_type": "mean", "num_channels": 3}
     text = {"vocab_size": t.vocab_size, "hidden_size": t.width, "num_hidden_layers": t.layers,
-            "num_attention_heads": t.heads, "intermediate_size": t.ff_width, "hidden_act": "gelu",
+            "num_attention_heads": t.heads, "intermediate_size": t.ff_width, "hidden_act": t.activation,
             "max_position_embeddings": t.max_len, "type_vocab_size": t.type_vocab_size,
             "layer_norm_eps": t.ln_eps, "pad_token_id": t.pad_id}
     hf = {"architectures": ["AlignModel"], "model_type": "align", "projection_dim": cfg.embed_dim,
@@ -490,18 +499,89 @@ def to_hf(params, state, cfg: Config, path, image_size=None):
         json.dump(hf, f, indent=1)
 
 
+def hf_preprocessor_config(image_size):
+    """ALIGN's evaluation preprocessing (Sec. 5, as data.py and evaluate.py do it) in the options of HF's
+    `EfficientNetImageProcessor`: `preprocessor_config.json` for a crop side `image_size`.
+
+    Resize to R x R, R = 346/289 of the crop (`data.resize_for`), bilinear (PIL's, resample=2); the central
+    crop, offset (R - S) // 2 as `data.crop_params`; then x / 127.5 - 1, pixels in [-1, 1] (rescale_offset).
+    HF's defaults differ at each step: bicubic, no crop, x / 255 then ImageNet mean and std, then a second
+    division by the std (include_top). data.py resamples the crop's source box once instead of resizing then
+    cropping: the same filter (PIL clips it to the image, not the box), but where the box's corners are not
+    exact in binary PIL rounds its weights differently, and some values come out one grey level apart
+    (test_export.py: none at 57 -> 38 px, 176 of 3,072 at 48x40 -> 38).
+    """
+    resize = round(image_size * 346 / 289)  # data.resize_for (data.py sits beside this file, not below it)
+    return {"image_processor_type": "EfficientNetImageProcessor", "processor_class": "AlignProcessor",
+            "do_resize": True, "size": {"height": resize, "width": resize}, "resample": 2,
+            "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
+            "do_rescale": True, "rescale_factor": 1 / 127.5, "rescale_offset": True,
+            "do_normalize": False, "include_top": False}
+
+
+def hf_tokenizer_config(max_len):
+    """`tokenizer_config.json` for HF's `BertTokenizer` over our vocab.txt: uncased, accents stripped, CJK
+    split (wordpiece.py), each text [CLS] ... [SEP], truncated and padded to the model's max_len.
+
+    AlignProcessor pads to 64 unless the tokenizer's own settings say otherwise, and HF's text tower holds
+    only max_len positions, so padding, max_length and truncation are written here too.
+    """
+    return {"tokenizer_class": "BertTokenizer", "processor_class": "AlignProcessor", "do_lower_case": True,
+            "do_basic_tokenize": True, "tokenize_chinese_chars": True, "strip_accents": None,
+            "model_max_length": max_len, "max_length": max_len, "padding": "max_length", "truncation": True,
+            **dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), wordpiece.SPECIAL_TOKENS))}
+
+
+def export_hf(checkpoint, out, vocab=None, image_size=None):
+    """Write a complete HF directory for `checkpoint` (a model directory or a training run's --out, its
+    newest checkpoint): `AlignProcessor.from_pretrained(out)` and `AlignModel.from_pretrained(out)` on image
+    files and strings then give our embeddings (evaluate.py's). Returns the names of the files written.
+
+    config.json, model.safetensors (`to_hf`); vocab.txt and tokenizer_config.json (`hf_tokenizer_config`);
+    preprocessor_config.json (`hf_preprocessor_config`) at `image_size`, by default the crop side the model
+    was trained at, or one less when that is odd (Sec. 5's 289) and the model is ours: HF's padding equals
+    our "SAME" only at even sizes (`to_hf`), so HF then gives our embeddings at 288, with a warning.
+    Raises ValueError (one line) for what HF cannot represent: an image projection, a stage's first block
+    with a skip, an odd `image_size` for a model of ours.
+    """
+    path = model_dir(checkpoint)
+    vocab = vocab or os.path.join(path, "vocab.txt")
+    if not os.path.exists(vocab):
+        raise FileNotFoundError(f"{path} has no vocab.txt; pass --vocab with the model's WordPiece vocabulary")
+    try:
+        tokens = len(wordpiece.Tokenizer(vocab).vocab)
+    except KeyError as e:
+        raise ValueError(f"{vocab} lacks the special token {e}: not a BERT WordPiece vocabulary")
+    params, state, cfg = load(path)
+    if tokens > cfg.text.vocab_size:
+        raise ValueError(f"{vocab} has {tokens} tokens, more than the model's {cfg.text.vocab_size} embeddings")
+    if image_size is None:
+        image_size = cfg.image_size
+        if image_size % 2 and cfg.image.padding != "hf":  # e.g. Sec. 5's 289: HF cannot pad as we do there
+            image_size -= 1
+            print(f"align.py export: warning: {path} was trained at {cfg.image_size} px, an odd size at which "
+                  f"HF's EfficientNet cannot pad as ours does; HF's processor will crop {image_size} px and give "
+                  f"the embeddings of `evaluate.py --image-size {image_size}`", file=sys.stderr)
+    to_hf(params, state, cfg, out, image_size=image_size)
+    with open(vocab, "rb") as f:
+        files = {"vocab.txt": f.read()}
+    files["tokenizer_config.json"] = json.dumps(hf_tokenizer_config(cfg.text.max_len), indent=1).encode()
+    files["preprocessor_config.json"] = json.dumps(hf_preprocessor_config(image_size), indent=1).encode()
+    for name, content in files.items():
+        weights.atomic_write(os.path.join(out, name), lambda f: f.write(content))
+    return ["config.json", "model.safetensors", *files]
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
-def main():
-    ap = argparse.ArgumentParser(description="ALIGN model sizes (paper Sec. 5, 6.1, Table 8-9).")
-    ap.add_argument("--vocab-size", type=int, default=bert.Config.vocab_size)
-    args = ap.parse_args()
-    print(f"| size | image tower | text tower | embedding | image params | text params ({args.vocab_size} vocab) "
+def print_sizes(vocab_size):
+    """The size table: parameters of each tower and of the projections, from shapes only."""
+    print(f"| size | image tower | text tower | embedding | image params | text params ({vocab_size} vocab) "
           "| projections | total |")
     print("|---|---|---|---|---|---|---|---|")
     for name, cfg in SIZES.items():
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=args.vocab_size))
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
         params, _ = jax.eval_shape(lambda: init(jax.random.key(0), cfg))  # shapes only: nothing allocated
         n = {k: weights.count_params(params[k]) for k in ("image", "text")}
         n["total"] = weights.count_params(params)
@@ -509,6 +589,33 @@ def main():
         print(f"| {name} | EfficientNet-{cfg.image.name} | BERT-{cfg.text.name} | {cfg.embed_dim} "
               f"| {n['image'] / 1e6:.1f}M | {n['text'] / 1e6:.1f}M | {n['projections'] / 1e6:.2f}M "
               f"| {n['total'] / 1e6:.1f}M |")
+
+
+def main(argv=None):
+    """`python align.py [--vocab-size N]`: the size table; `python align.py export --checkpoint RUN --out DIR`."""
+    ap = argparse.ArgumentParser(description="ALIGN model sizes (paper Sec. 5, 6.1, Table 8-9); `export` writes "
+                                             "a checkpoint as an HF AlignModel directory.")
+    ap.add_argument("--vocab-size", type=int, default=bert.Config.vocab_size)
+    sub = ap.add_subparsers(dest="command")  # none: the size table
+    p = sub.add_parser("export", help="a checkpoint as an HF directory: AlignModel and AlignProcessor load it",
+                       description=export_hf.__doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help="model directory, or training --out directory (its newest ckpt_*)")
+    p.add_argument("--out", required=True, help="the HF directory to write")
+    p.add_argument("--vocab", help="vocab.txt (default: the model directory's)")
+    p.add_argument("--image-size", type=int,
+                   help="crop side of HF's image processor (default: the size the model was trained at)")
+    args = ap.parse_args(argv)
+    if args.command != "export":
+        return print_sizes(args.vocab_size)
+    try:
+        files = export_hf(args.checkpoint, args.out, args.vocab, args.image_size)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # each says what is wrong in one line
+        print(f"align.py export: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"wrote {args.out}: {', '.join(files)}")
+    print(f"load it with transformers.AlignProcessor.from_pretrained({args.out!r}) and "
+          f"AlignModel.from_pretrained({args.out!r})")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ The layers are identical in shape, so their parameters are stacked on a leading 
 
 Dimension key:
     B batch   L sequence length (queries)   M sequence length (keys)   D width
-    N attention heads   K head width (64)   F feed-forward width (4D)   V vocabulary   R layers
+    N attention heads   K head width (64)   F feed-forward width (4D unless set)   V vocabulary   R layers
 
 Deviations from google-research/bert and HF's BertModel:
 - No dropout (ALIGN does not mention it; its data is 1.8B pairs seen for ~12 epochs).
@@ -48,6 +48,8 @@ class Config:
     type_vocab_size: int = 2
     ln_eps: float = 1e-12
     pad_id: int = 0
+    intermediate: int = 0           # F, HF's intermediate_size; 0: 4 x width, as every BERT of Devlin et al.
+    activation: str = "gelu"        # HF `hidden_act` name (ACTIVATIONS); BERT's is the exact erf GELU
     dtype: str = "float32"          # compute dtype of matmuls; LayerNorm and softmax run in float32
     remat: bool = False             # recompute each layer in the backward pass instead of storing it
 
@@ -57,7 +59,21 @@ class Config:
 
     @property
     def ff_width(self):
-        return 4 * self.width
+        return self.intermediate or 4 * self.width
+
+
+# HF `hidden_act` names (transformers' ACT2FN) that `activation` accepts. "gelu_new", "gelu_fast",
+# "gelu_accurate" and "gelu_pytorch_tanh" are all the tanh approximation of GELU, written differently.
+_gelu, _gelu_tanh = (functools.partial(jax.nn.gelu, approximate=a) for a in (False, True))
+ACTIVATIONS = {
+    "gelu": _gelu, "gelu_python": _gelu, "gelu_10": lambda x: jnp.clip(_gelu(x), -10, 10),
+    "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh, "gelu_accurate": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x)), "relu6": jax.nn.relu6,
+    "leaky_relu": jax.nn.leaky_relu, "silu": jax.nn.silu, "swish": jax.nn.silu, "mish": jax.nn.mish,
+    "hardswish": jax.nn.hard_swish, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "linear": lambda x: x,
+}
 
 
 CONFIGS = {
@@ -142,7 +158,7 @@ def _layer(p, x_BLD, bias_BM, cfg: Config):
     w_BNLM = jax.nn.softmax(s_BNLM, axis=-1).astype(x_BLD.dtype)
     a_BLD = einops.rearrange(jnp.einsum("bnlm,bmnk->blnk", w_BNLM, v_BMNK), "b l n k -> b l (n k)")
     x_BLD = _layer_norm(x_BLD + _dense_apply(a_BLD, p["attention_out"]), p["attention_ln"], cfg.ln_eps)
-    h_BLF = jax.nn.gelu(_dense_apply(x_BLD, p["intermediate"]), approximate=False)  # BERT's exact erf GELU
+    h_BLF = ACTIVATIONS[cfg.activation](_dense_apply(x_BLD, p["intermediate"]))
     return _layer_norm(x_BLD + _dense_apply(h_BLF, p["output"]), p["output_ln"], cfg.ln_eps)
 
 
@@ -183,17 +199,28 @@ _HF_EMBEDDINGS = {"word": "word_embeddings", "position": "position_embeddings",
 
 
 def config_from_hf(hf: dict, name="hf") -> Config:
-    """Our Config for an HF BertConfig / AlignTextConfig (as a dict from config.json)."""
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"HF config has hidden_act={hf['hidden_act']!r}; this BERT implements exact 'gelu'")
+    """Our Config for an HF BertConfig / AlignTextConfig (as a dict from config.json).
+
+    Every field that changes what an encoder-only BertModel computes is read; one this encoder cannot
+    express raises a one-line ValueError naming the field. (`pad_token_id` only zeroes HF's initial
+    padding row; the weights carry it.)
+    """
+    def refuse(field, why):
+        raise ValueError(f"HF config has {field}={hf.get(field)!r}: {why}")
+
+    if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
+        refuse("hidden_act", f"supported: {', '.join(ACTIVATIONS)}")
     if hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError("only absolute (learned) position embeddings are implemented")
+        refuse("position_embedding_type", "only absolute (learned) position embeddings are implemented")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        refuse("is_decoder" if hf.get("is_decoder") else "add_cross_attention", "this BERT is an encoder")
     width, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("intermediate_size", 4 * width) != 4 * width:
-        raise ValueError(f"HF config has intermediate_size={hf['intermediate_size']}; BERT uses 4 x hidden_size")
+    if width % heads:
+        refuse("num_attention_heads", f"does not divide hidden_size={width}")
     return Config(name, hf["num_hidden_layers"], width, head_width=width // heads, vocab_size=hf["vocab_size"],
                   max_len=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-                  ln_eps=hf.get("layer_norm_eps", 1e-12), pad_id=hf.get("pad_token_id", 0) or 0)
+                  ln_eps=hf.get("layer_norm_eps", 1e-12), pad_id=hf.get("pad_token_id", 0) or 0,
+                  intermediate=hf.get("intermediate_size", 4 * width), activation=hf.get("hidden_act", "gelu"))
 
 
 def _leaf_pairs(node):

@@ -83,6 +83,7 @@ class Config:
     se_ratio: float = 0.25       # squeeze-excitation width, relative to the block's *input* channels
     bn_momentum: float = 0.99    # TF convention: running = momentum * running + (1 - momentum) * batch
     bn_eps: float = 1e-3
+    activation: str = "swish"    # HF `hidden_act` name (ACTIVATIONS); EfficientNet's is swish, x * sigmoid(x)
     drop_connect: float = 0.2    # stochastic depth, scaled linearly by block index
     divisor: int = 8
     padding: str = "same"        # "same": TF "SAME"; "hf": the HF port's fixed padding (for loaded models)
@@ -148,6 +149,18 @@ CONFIGS = {
     # hundred steps, and after 250 at 0.99 the running statistics still hold 8% (0.99^250) of their
     # initial 0 and 1; evaluation-mode R@1 was 0.1% where training accuracy was 51% (README, "Training").
     "tiny": Config("tiny", 0.5, 0.5, 32, bn_momentum=0.9),
+}
+
+
+# HF `hidden_act` names (transformers' ACT2FN) that `activation` accepts; EfficientNet uses swish. The
+# same names as bert.ACTIVATIONS, kept here too because the towers import nothing from each other.
+ACTIVATIONS = {
+    "swish": jax.nn.silu, "silu": jax.nn.silu,
+    "relu": jax.nn.relu, "relu6": jax.nn.relu6, "hardswish": jax.nn.hard_swish,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "mish": jax.nn.mish, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
 }
 
 
@@ -359,7 +372,8 @@ def _depthwise(x_BHWC, w_KK1C, stride, padding, impl):
             pads.append((total // 2, total - total // 2))
     else:
         pads = list(padding)
-    x = jnp.pad(x_BHWC, ((0, 0), pads[0], pads[1], (0, 0)))
+    # lax.pad, not jnp.pad: HF's padding of a stride-2 kernel-1 conv is (-1, 0), a crop.
+    x = jax.lax.pad(x_BHWC, jnp.zeros((), x_BHWC.dtype), [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)])
     return _shifted_sum(x, w_KK1C[:, :, 0, :].astype(x.dtype), stride)
 
 
@@ -434,17 +448,18 @@ def _drop_path(x_BHWC, rate, key):
 def _mbconv(p, s, x_BHWC, b: Block, cfg: Config, train, axis_name, drop_rate, key):
     """Mobile inverted bottleneck with squeeze-excitation (Sandler et al. 2018; Tan & Le 2019)."""
     bn = lambda h, name: _batch_norm(h, p[name], s[name], cfg, train, axis_name)
+    act = ACTIVATIONS[cfg.activation]
     new_s = {}
     h = x_BHWC
     if b.expand != 1:  # at ratio 1 the block has no expansion conv (TF reference)
         h, new_s["expand_bn"] = bn(_pointwise(h, p["expand_conv"]), "expand_bn")
-        h = jax.nn.silu(h)
+        h = act(h)
     h = _depthwise(h, p["depthwise_conv"], b.stride, _padding(b.kernel, b.stride, cfg, b.square_pad), cfg.depthwise)
     h, new_s["depthwise_bn"] = bn(h, "depthwise_bn")
-    h = jax.nn.silu(h)
+    h = act(h)
     # Squeeze-excitation: a per-channel gate from the spatial mean; the mean in float32 (a sum of H*W).
     g_BD = jnp.mean(h.astype(jnp.float32), axis=(1, 2)).astype(h.dtype)
-    g_BS = jax.nn.silu(g_BD @ p["se_reduce"]["kernel"].astype(h.dtype) + p["se_reduce"]["bias"].astype(h.dtype))
+    g_BS = act(g_BD @ p["se_reduce"]["kernel"].astype(h.dtype) + p["se_reduce"]["bias"].astype(h.dtype))
     g_BD = jax.nn.sigmoid(g_BS @ p["se_expand"]["kernel"].astype(h.dtype) + p["se_expand"]["bias"].astype(h.dtype))
     h = h * g_BD[:, None, None, :]
     h = _pointwise(h, p["project_conv"])
@@ -478,7 +493,7 @@ def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_
     stem_pad = "SAME" if cfg.padding == "same" else ((0, 1), (0, 1))  # HF's stem: ZeroPad2d((0, 1, 0, 1))
     x = _conv(x, params["stem"]["conv"], 2, stem_pad)
     x, stem_bn = _batch_norm(x, params["stem"]["bn"], state["stem"]["bn"], cfg, train, bn_axis_name)
-    x = jax.nn.silu(x)
+    x = ACTIVATIONS[cfg.activation](x)
     new_state = {"stem": {"bn": stem_bn}, "stages": []}
 
     for p, s, blocks in zip(params["stages"], state["stages"], cfg.blocks()):
@@ -508,15 +523,44 @@ def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_
 
 
 def config_from_hf(hf: dict, name="hf") -> Config:
-    """Our Config for an HF EfficientNetConfig / AlignVisionConfig (as a dict from config.json)."""
-    stages = tuple(Stage(*t) for t in zip(hf["kernel_sizes"], hf["strides"], hf["expand_ratios"],
-                                           hf["in_channels"], hf["out_channels"], hf["num_block_repeats"]))
-    if hf.get("hidden_act", "swish") not in ("swish", "silu"):
-        raise ValueError(f"HF config has hidden_act={hf['hidden_act']!r}; only swish/silu EfficientNets exist")
-    return Config(name, hf["width_coefficient"], hf["depth_coefficient"], hf.get("image_size", 600),
+    """Our Config for an HF EfficientNetConfig / AlignVisionConfig (as a dict from config.json).
+
+    Every field of HF's port that this trunk can express is read; one it cannot raises a one-line
+    ValueError naming the field. Not read: `hidden_dim` (EfficientNetModel's head conv, which ALIGN drops
+    (Sec. 4.1); in AlignVisionModel the side of its average-pool window, which equals our global mean
+    whenever HF can run: a last feature map wider than the window fails HF's reshape), `dropout_rate`
+    (the classifier's), `initializer_range`.
+    """
+    def refuse(field, why):
+        raise ValueError(f"HF config has {field}={hf.get(field)!r}: {why}")
+
+    per_stage = ("kernel_sizes", "strides", "expand_ratios", "in_channels", "out_channels", "num_block_repeats")
+    for field in per_stage:  # HF's port has a stage per entry of in_channels
+        if len(hf[field]) != len(hf["in_channels"]):
+            refuse(field, f"needs one entry per stage ({len(hf['in_channels'])}, as in_channels)")
+    stages = tuple(Stage(*map(int, t)) for t in zip(*(hf[f] for f in per_stage)))
+    if any(s.stride not in (1, 2) for s in stages):
+        refuse("strides", "HF's port runs strides 1 and 2 only")
+    if hf.get("hidden_act", "swish") not in ACTIVATIONS:
+        refuse("hidden_act", f"supported: {', '.join(ACTIVATIONS)}")
+    if hf.get("pooling_type", "mean") != "mean":
+        refuse("pooling_type", "ALIGN's image tower is a global average (Sec. 4.1)")
+    if hf.get("num_channels", 3) != 3:
+        refuse("num_channels", "the stem takes RGB images")
+    momentum = hf.get("batch_norm_momentum", 0.99)
+    if not 0 <= momentum <= 1:
+        refuse("batch_norm_momentum", "not in [0, 1]")
+    size = hf.get("image_size", 600)
+    return Config(name, hf["width_coefficient"], hf["depth_coefficient"],
+                  int(max(size) if isinstance(size, (list, tuple)) else size),
                   stages=stages, se_ratio=hf.get("squeeze_expansion_ratio", 0.25),
+                  # TF's convention, as the TF checkpoints it was copied from (align-base: 0.99), and ours.
+                  # HF's port hands it to nn.BatchNorm2d as torch's momentum (the weight of the new batch), a
+                  # bug for fine-tuning in PyTorch (test_train_parity.py); we keep what the number means.
+                  bn_momentum=momentum,
                   bn_eps=hf.get("batch_norm_eps", 1e-3), drop_connect=hf.get("drop_connect_rate", 0.2),
                   divisor=hf.get("depth_divisor", 8), padding="hf", skip_first_blocks=False,
+                  activation=hf.get("hidden_act", "swish"),
                   hf_square_pad_blocks=tuple(hf.get("depthwise_padding", ())))
 
 

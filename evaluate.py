@@ -6,6 +6,8 @@
     python evaluate.py knn --checkpoint runs/B7 --train imagenet/train --val imagenet/val
     python evaluate.py linear-probe --checkpoint runs/B7 --train imagenet/train --val imagenet/val
     python evaluate.py search --checkpoint runs/B7 --index photos/ --query "seagull in front of a bridge"
+    python evaluate.py embed --checkpoint runs/B7 --images photos/ --out photos.npy   (+ photos.txt: the paths)
+    python evaluate.py embed --checkpoint runs/B7 --texts captions.txt --out captions.npy
 
 Three files, as in big_vision's image_text_retrieval evaluator, where the metric maths are apart from the
 loops that compute embeddings:
@@ -14,7 +16,8 @@ loops that compute embeddings:
   this file      the model (`load_model`); files -> pixels (data.py's evaluation preprocessing) ->
                  embeddings, in batches sharded over every device of a `data` mesh, with a tqdm bar,
                  cached on disk; the linear probe's trainer; one subcommand per protocol (`run_*`),
-                 each printing a table laid out like the paper's and writing --json; the command line.
+                 each printing a table laid out like the paper's and writing --json; `embed`, which
+                 writes the embeddings themselves (.npy) for other tools; the command line.
   metrics.py     pure numpy over the embeddings: Recall@K, top-k accuracy, KNN, CxC, search.
 
 Dimension key:
@@ -561,6 +564,42 @@ def run_search(args):
             "info": {"index_images": len(paths), "image_size": args.image_size, "skipped_images": skipped}}
 
 
+def run_embed(args):
+    """Embeddings for other tools: L2-normalised float32 rows, as the other subcommands compute them.
+
+    --images DIR: every image under DIR in sorted order (unreadable ones skipped and reported); --texts FILE:
+    one caption a line. Writes OUT (.npy, [rows, E]) and beside it OUT with .txt, what each row is: the image's
+    path or the caption, one a line.
+    """
+    if bool(args.images) == bool(args.texts):
+        raise UsageError("pass --images DIR or --texts FILE (one of them)")
+    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+    if args.images:
+        paths = eval_sets.list_images(args.images)
+        model = _need_model(args)
+        x, ok, skipped = embed_image_files(model, paths, args.image_size, batch=args.batch_size,
+                                           workers=args.workers, cache=args.cache)
+        _report_skipped(skipped, len(paths))
+        rows, x = [p for p, good in zip(paths, ok) if good], x[ok]
+        if not rows:
+            raise UsageError(f"--images {args.images}: none of the {len(paths)} images could be read")
+    else:
+        rows, skipped = eval_sets.read_lines(args.texts, "--texts"), {}
+        if not rows:
+            raise UsageError(f"--texts {args.texts}: no captions in it")
+        model = _need_model(args)
+        x = embed_text_list(model, rows, batch=args.batch_size, cache=args.cache)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.save(out, np.asarray(x, np.float32))
+    listing = out[:-len(".npy")] + ".txt"
+    with open(listing, "w", encoding="utf-8") as f:
+        f.writelines(r + "\n" for r in rows)
+    print(f"{len(rows)} {'images' if args.images else 'texts'} -> {out} [{len(rows)}, {x.shape[1]}] float32, "
+          f"rows listed in {listing}")
+    return {"out": out, "rows": listing, "shape": [len(rows), int(x.shape[1])],
+            "info": {"image_size": args.image_size if args.images else None, "skipped_images": skipped}}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Command line
 
@@ -641,6 +680,11 @@ def _parser():
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--grid", default="search_grid.png", help="PNG of the query and its top results")
     p.add_argument("--thumb", type=int, default=128, help="side of each grid cell")
+
+    p = command("embed", run_embed, "embeddings of a folder of images or a file of captions, for other tools")
+    p.add_argument("--images", help="folder: every image in it or below it, in sorted order")
+    p.add_argument("--texts", help="text file, one caption a line (blank lines skipped)")
+    p.add_argument("--out", required=True, help="OUT.npy, and beside it OUT.txt naming each row")
     return ap
 
 

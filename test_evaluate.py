@@ -260,12 +260,36 @@ def test_search_cli_writes_the_grid(files):
         assert im.size == (40 * 9, 24 + 40 + 18)
 
 
+def test_embed_cli_writes_rows_in_order_with_their_listing(files):
+    """`embed`: sorted image files, then caption lines -> the model's L2-normalised float32 embeddings,
+    each .npy with a .txt beside it naming its rows."""
+    folder, out = str(files["root"] / "classes"), files["root"] / "embedded"
+    r = run(files, "embed", "--checkpoint", files["model"], "--images", folder, "--out", str(out / "img.npy"))
+    paths = (out / "img.txt").read_text().splitlines()
+    assert paths == eval_sets.list_images(folder) == sorted(paths) and len(paths) == 15  # both splits' folders
+    img = np.load(out / "img.npy")
+    params, state, cfg = align.load(files["model"])
+    pixels = np.stack([evaluate.eval_pixels(p, SIZE) for p in paths]).astype(np.float32) / 127.5 - 1
+    assert img.dtype == np.float32 and img.shape == (15, cfg.embed_dim) and r["shape"] == [15, cfg.embed_dim]
+    np.testing.assert_allclose(np.linalg.norm(img, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(img, align.embed_images(params, state, pixels, cfg), atol=1e-5)
+
+    (files["root"] / "captions.txt").write_text("a red square\n\nTwo BLUE circles, left\n")
+    run(files, "embed", "--checkpoint", files["model"], "--texts", str(files["root"] / "captions.txt"),
+        "--out", str(out / "txt"))  # .npy added
+    texts = (out / "txt.txt").read_text().splitlines()
+    assert texts == ["a red square", "Two BLUE circles, left"]  # the blank line is no row
+    ids, mask = evaluate.load_model(files["model"]).tokenizer.encode(texts, cfg.text.max_len)
+    np.testing.assert_allclose(np.load(out / "txt.npy"), align.embed_texts(params, ids, mask, cfg), atol=1e-5)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["retrieval", "--karpathy", "missing.json", "--images", "."], "missing.json: no such file"),
     (["retrieval", "--karpathy", "{karpathy}", "--split", "val", "--images", "."],
      "no image has split 'val' (it has test, train)"),
     (["zeroshot", "--checkpoint", "{model}", "--images", "{empty}"], "no image in 0 subfolders"),
     (["knn", "--checkpoint", "nowhere", "--train", ".", "--val", "."], "nowhere: no such model or run directory"),
+    (["embed", "--checkpoint", "{model}", "--out", "x.npy"], "pass --images DIR or --texts FILE"),
 ])
 def test_bad_input_gives_one_line_error(files, capsys, argv, message):
     (files["root"] / "empty").mkdir(exist_ok=True)
