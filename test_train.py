@@ -332,3 +332,24 @@ def test_checkpoint_files_are_mapped_not_read(tmp_path):
     with pytest.raises(ValueError):
         read["big"][0, 0] = 1.0
     assert float(read["big"][-1, -1]) == float(big[-1, -1])  # still mapped after the call returned
+
+
+def test_failing_data_checkpoints_and_stops_with_one_line(tmp_path, capsys):
+    """Bad samples are skipped and counted; when more than --max-bad-fraction of the last --bad-window
+    samples fail, the run checkpoints its last step and exits 2 with one line naming the reasons, the
+    shard and the flag (issue 14, item 1). The same step program as the other tiny runs: no new compile."""
+    folder = tmp_path / "pairs"
+    synthetic.write_synthetic(str(folder), 48, size=39)
+    for name in ("000003.png", "000007.png", "000011.png"):
+        (folder / name).write_bytes(b"not an image")
+    out = str(tmp_path / "run")
+    argv = TINY + ["--data", str(folder / "pairs.tsv"), "--out", out, "--skip-final-eval"]
+    assert train.main(argv + ["--steps", "2"]) == 0  # 3 bad of 48: counted, never fatal
+    row = json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1])
+    assert row["skipped_not_image"] >= 1 and row["skipped_samples"] == row["skipped_not_image"]
+    capsys.readouterr()
+    assert train.main(argv + ["--steps", "6", "--max-bad-fraction", "0.02", "--bad-window", "20"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's lines: one line
+    assert err.startswith("error: data: ") and "not_image" in err and "--max-bad-fraction" in err and "pairs.tsv" in err
+    steps = [json.load(open(os.path.join(c, "train_state.json")))["step"] for c in align.checkpoints(out)]
+    assert steps[-1] >= 2 and f"checkpoint written at step {steps[-1]}" in err
