@@ -31,8 +31,9 @@ def colour_image(i: int, size=(240, 210)) -> bytes:
     return encoded(Image.new('RGB', size, (i % 256, (i * 7) % 256, (i * 13) % 256)))
 
 
-def write_tar(path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, 'w') as tar:
+def write_tar(path, members: list[tuple[str, bytes]], mode: str = 'w') -> str:
+    """A tar shard of (name, bytes) members; mode 'w:gz' for a .tar.gz."""
+    with tarfile.open(path, mode) as tar:
         for name, payload in members:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
@@ -375,21 +376,12 @@ def test_only_a_persistent_majority_of_failures_stops_and_the_state_is_the_last_
         next(data.make_loader(str(tmp_path / 'gone{0..3}.tar'), tokenizer=tok, global_batch=2, image_size=32))
 
 
-def _gzip_tar(path, members):
-    with tarfile.open(path, 'w:gz') as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return str(path)
-
-
 @pytest.mark.parametrize('fault', ['cut_in_a_member', 'missing', 'zero_bytes', 'gzip', 'gzip_cut'])
 def test_broken_shards_are_read_or_skipped_and_counted(tmp_path, tok, fault):
     make_shards(tmp_path, [3])  # 00000.tar: w0 w1 w2
     members = [m for i in range(3, 7) for m in pair_members(f'{i:04d}', f'w{i}', colour_image(i))]
     if fault in ('gzip', 'gzip_cut'):
-        name = _gzip_tar(tmp_path / 'b.tar.gz', members)
+        name = write_tar(tmp_path / 'b.tar.gz', members, 'w:gz')
     else:
         name = write_tar(tmp_path / 'b.tar', members)
     if fault == 'cut_in_a_member':
