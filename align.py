@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bert
+import data
 import efficientnet as en
 import weights
 import wordpiece
@@ -364,8 +365,8 @@ def model_dir(path):
         raise FileNotFoundError(f"{path}: no such model or run directory")
     if os.path.exists(os.path.join(path, "align_config.json")):
         return path
-    if checkpoints(path):  # a run directory: its config.json is train.py's resolved config, not an HF model's
-        return checkpoints(path)[-1]
+    if ckpts := checkpoints(path):  # a run directory: its config.json is train.py's resolved config, not HF's
+        return ckpts[-1]
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: neither a model directory (align_config.json or HF config.json) nor a "
                                 "training run with ckpt_* checkpoints")
@@ -511,7 +512,7 @@ def hf_preprocessor_config(image_size):
     exact in binary PIL rounds its weights differently, and some values come out one grey level apart
     (test_export.py: none at 57 -> 38 px, 176 of 3,072 at 48x40 -> 38).
     """
-    resize = round(image_size * 346 / 289)  # data.resize_for (data.py sits beside this file, not below it)
+    resize = data.resize_for(image_size)
     return {"image_processor_type": "EfficientNetImageProcessor", "processor_class": "AlignProcessor",
             "do_resize": True, "size": {"height": resize, "width": resize}, "resample": 2,
             "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},

@@ -49,7 +49,7 @@ class Config:
     ln_eps: float = 1e-12
     pad_id: int = 0
     intermediate: int = 0           # F, HF's intermediate_size; 0: 4 x width, as every BERT of Devlin et al.
-    activation: str = "gelu"        # HF `hidden_act` name (ACTIVATIONS); BERT's is the exact erf GELU
+    activation: str = "gelu"        # HF `hidden_act` name (weights.HF_ACTIVATIONS); BERT's is the exact erf GELU
     dtype: str = "float32"          # compute dtype of matmuls; LayerNorm and softmax run in float32
     remat: bool = False             # recompute each layer in the backward pass instead of storing it
 
@@ -60,20 +60,6 @@ class Config:
     @property
     def ff_width(self):
         return self.intermediate or 4 * self.width
-
-
-# HF `hidden_act` names (transformers' ACT2FN) that `activation` accepts. "gelu_new", "gelu_fast",
-# "gelu_accurate" and "gelu_pytorch_tanh" are all the tanh approximation of GELU, written differently.
-_gelu, _gelu_tanh = (functools.partial(jax.nn.gelu, approximate=a) for a in (False, True))
-ACTIVATIONS = {
-    "gelu": _gelu, "gelu_python": _gelu, "gelu_10": lambda x: jnp.clip(_gelu(x), -10, 10),
-    "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh, "gelu_accurate": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_python_tanh": _gelu_tanh,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x)), "relu6": jax.nn.relu6,
-    "leaky_relu": jax.nn.leaky_relu, "silu": jax.nn.silu, "swish": jax.nn.silu, "mish": jax.nn.mish,
-    "hardswish": jax.nn.hard_swish, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "linear": lambda x: x,
-}
 
 
 CONFIGS = {
@@ -158,7 +144,7 @@ def _layer(p, x_BLD, bias_BM, cfg: Config):
     w_BNLM = jax.nn.softmax(s_BNLM, axis=-1).astype(x_BLD.dtype)
     a_BLD = einops.rearrange(jnp.einsum("bnlm,bmnk->blnk", w_BNLM, v_BMNK), "b l n k -> b l (n k)")
     x_BLD = _layer_norm(x_BLD + _dense_apply(a_BLD, p["attention_out"]), p["attention_ln"], cfg.ln_eps)
-    h_BLF = ACTIVATIONS[cfg.activation](_dense_apply(x_BLD, p["intermediate"]))
+    h_BLF = weights.HF_ACTIVATIONS[cfg.activation](_dense_apply(x_BLD, p["intermediate"]))
     return _layer_norm(x_BLD + _dense_apply(h_BLF, p["output"]), p["output_ln"], cfg.ln_eps)
 
 
@@ -208,8 +194,8 @@ def config_from_hf(hf: dict, name="hf") -> Config:
     def refuse(field, why):
         raise ValueError(f"HF config has {field}={hf.get(field)!r}: {why}")
 
-    if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
-        refuse("hidden_act", f"supported: {', '.join(ACTIVATIONS)}")
+    if hf.get("hidden_act", "gelu") not in weights.HF_ACTIVATIONS:
+        refuse("hidden_act", f"supported: {', '.join(weights.HF_ACTIVATIONS)}")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         refuse("position_embedding_type", "only absolute (learned) position embeddings are implemented")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):

@@ -83,7 +83,7 @@ class Config:
     se_ratio: float = 0.25       # squeeze-excitation width, relative to the block's *input* channels
     bn_momentum: float = 0.99    # TF convention: running = momentum * running + (1 - momentum) * batch
     bn_eps: float = 1e-3
-    activation: str = "swish"    # HF `hidden_act` name (ACTIVATIONS); EfficientNet's is swish, x * sigmoid(x)
+    activation: str = "swish"    # HF `hidden_act` name (weights.HF_ACTIVATIONS); EfficientNet's is swish, x * sigmoid(x)
     drop_connect: float = 0.2    # stochastic depth, scaled linearly by block index
     divisor: int = 8
     padding: str = "same"        # "same": TF "SAME"; "hf": the HF port's fixed padding (for loaded models)
@@ -149,18 +149,6 @@ CONFIGS = {
     # hundred steps, and after 250 at 0.99 the running statistics still hold 8% (0.99^250) of their
     # initial 0 and 1; evaluation-mode R@1 was 0.1% where training accuracy was 51% (README, "Training").
     "tiny": Config("tiny", 0.5, 0.5, 32, bn_momentum=0.9),
-}
-
-
-# HF `hidden_act` names (transformers' ACT2FN) that `activation` accepts; EfficientNet uses swish. The
-# same names as bert.ACTIVATIONS, kept here too because the towers import nothing from each other.
-ACTIVATIONS = {
-    "swish": jax.nn.silu, "silu": jax.nn.silu,
-    "relu": jax.nn.relu, "relu6": jax.nn.relu6, "hardswish": jax.nn.hard_swish,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "mish": jax.nn.mish, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
 }
 
 
@@ -448,7 +436,7 @@ def _drop_path(x_BHWC, rate, key):
 def _mbconv(p, s, x_BHWC, b: Block, cfg: Config, train, axis_name, drop_rate, key):
     """Mobile inverted bottleneck with squeeze-excitation (Sandler et al. 2018; Tan & Le 2019)."""
     bn = lambda h, name: _batch_norm(h, p[name], s[name], cfg, train, axis_name)
-    act = ACTIVATIONS[cfg.activation]
+    act = weights.HF_ACTIVATIONS[cfg.activation]
     new_s = {}
     h = x_BHWC
     if b.expand != 1:  # at ratio 1 the block has no expansion conv (TF reference)
@@ -493,7 +481,7 @@ def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_
     stem_pad = "SAME" if cfg.padding == "same" else ((0, 1), (0, 1))  # HF's stem: ZeroPad2d((0, 1, 0, 1))
     x = _conv(x, params["stem"]["conv"], 2, stem_pad)
     x, stem_bn = _batch_norm(x, params["stem"]["bn"], state["stem"]["bn"], cfg, train, bn_axis_name)
-    x = ACTIVATIONS[cfg.activation](x)
+    x = weights.HF_ACTIVATIONS[cfg.activation](x)
     new_state = {"stem": {"bn": stem_bn}, "stages": []}
 
     for p, s, blocks in zip(params["stages"], state["stages"], cfg.blocks()):
@@ -541,8 +529,8 @@ def config_from_hf(hf: dict, name="hf") -> Config:
     stages = tuple(Stage(*map(int, t)) for t in zip(*(hf[f] for f in per_stage)))
     if any(s.stride not in (1, 2) for s in stages):
         refuse("strides", "HF's port runs strides 1 and 2 only")
-    if hf.get("hidden_act", "swish") not in ACTIVATIONS:
-        refuse("hidden_act", f"supported: {', '.join(ACTIVATIONS)}")
+    if hf.get("hidden_act", "swish") not in weights.HF_ACTIVATIONS:
+        refuse("hidden_act", f"supported: {', '.join(weights.HF_ACTIVATIONS)}")
     if hf.get("pooling_type", "mean") != "mean":
         refuse("pooling_type", "ALIGN's image tower is a global average (Sec. 4.1)")
     if hf.get("num_channels", 3) != 3:

@@ -8,17 +8,34 @@ Format (https://github.com/huggingface/safetensors): 8 bytes little-endian heade
 JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data.
 """
 
+import functools
 import json
 import math
 import os
 import struct
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+# HF `hidden_act` names (transformers' ACT2FN) that bert.Config.activation and efficientnet.Config.activation
+# accept, as JAX functions. "gelu_new", "gelu_fast",
+# "gelu_accurate" and "gelu_pytorch_tanh" are all the tanh approximation of GELU, written differently.
+_gelu, _gelu_tanh = (functools.partial(jax.nn.gelu, approximate=a) for a in (False, True))
+HF_ACTIVATIONS = {
+    "gelu": _gelu, "gelu_python": _gelu, "gelu_10": lambda x: jnp.clip(_gelu(x), -10, 10),
+    "gelu_new": _gelu_tanh, "gelu_fast": _gelu_tanh, "gelu_accurate": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_python_tanh": _gelu_tanh,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu, "relu2": lambda x: jnp.square(jax.nn.relu(x)), "relu6": jax.nn.relu6,
+    "leaky_relu": jax.nn.leaky_relu, "silu": jax.nn.silu, "swish": jax.nn.silu, "mish": jax.nn.mish,
+    "hardswish": jax.nn.hard_swish, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "linear": lambda x: x,
+}
 
 
 def count_params(tree):
