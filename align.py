@@ -290,27 +290,41 @@ def embed_texts(params, ids_BL, mask_BL, cfg: Config):
     return l2_normalise(text_features(params, ids_BL, mask_BL, cfg))
 
 
-def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *, axis_name=None,
-               bn_axis_name=None, label_smoothing=0.1, negatives_fraction=1.0):
-    """The training objective on a batch, Eq. 1-2 on the towers' embeddings: (loss, (metrics, new BatchNorm
-    state)), for jax.value_and_grad.
+def features_loss(img_BE, txt_BE, params, cfg: Config, *, axis_name=None, label_smoothing=0.1,
+                  negatives_fraction=1.0):
+    """Eq. 1-2 on the towers' unnormalised features [B, E]: (loss, metrics).
 
     metrics: `contrastive_loss`'s (loss of each direction, top-1 accuracy of each direction), the loss, the
-    temperature, and img_norm, txt_norm: the mean norm of the embeddings before L2-normalisation, over the
-    global batch. Inside shard_map, pass axis_name='data' for the global-batch loss (and bn_axis_name to
-    average BatchNorm statistics over devices); the gradient contract of `contrastive_loss` applies.
+    temperature, and img_norm, txt_norm: the mean norm of the features before L2-normalisation, over the
+    global batch. Of `params` only the temperature is read, so its gradient is the temperature's alone.
     """
-    img_BE, state = image_features(params, state, pixels_BHWC, cfg, train=True, rng=rng,
-                                   bn_axis_name=bn_axis_name)
-    txt_BE = text_features(params, ids_BL, mask_BL, cfg)
     t = temperature(params, cfg)
     loss, metrics = contrastive_loss(l2_normalise(img_BE), l2_normalise(txt_BE), t, label_smoothing, axis_name,
                                      negatives_fraction, with_metrics=True)
     # Every device holds as many rows, so the mean of the devices' means is the global mean.
     global_mean = lambda x: x if axis_name is None else jax.lax.pmean(x, axis_name)
-    metrics = {"loss": loss, **metrics, "temperature": jnp.asarray(t, jnp.float32),
-               "img_norm": global_mean(jnp.linalg.norm(img_BE, axis=-1).mean()),
-               "txt_norm": global_mean(jnp.linalg.norm(txt_BE, axis=-1).mean())}
+    return loss, {"loss": loss, **metrics, "temperature": jnp.asarray(t, jnp.float32),
+                  "img_norm": global_mean(jnp.linalg.norm(img_BE, axis=-1).mean()),
+                  "txt_norm": global_mean(jnp.linalg.norm(txt_BE, axis=-1).mean())}
+
+
+def train_features(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, bn_axis_name=None):
+    """Both towers in training mode: ((img_BE, txt_BE) unnormalised, new BatchNorm state)."""
+    img_BE, state = image_features(params, state, pixels_BHWC, cfg, train=True, rng=rng, bn_axis_name=bn_axis_name)
+    return (img_BE, text_features(params, ids_BL, mask_BL, cfg)), state
+
+
+def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *, axis_name=None,
+               bn_axis_name=None, label_smoothing=0.1, negatives_fraction=1.0):
+    """The training objective on a batch, Eq. 1-2 on the towers' embeddings: (loss, (metrics, new BatchNorm
+    state)), for jax.value_and_grad; metrics as `features_loss`.
+
+    Inside shard_map, pass axis_name='data' for the global-batch loss (and bn_axis_name to average
+    BatchNorm statistics over devices); the gradient contract of `contrastive_loss` applies.
+    """
+    (img_BE, txt_BE), state = train_features(params, state, pixels_BHWC, ids_BL, mask_BL, cfg, rng, bn_axis_name)
+    loss, metrics = features_loss(img_BE, txt_BE, params, cfg, axis_name=axis_name, label_smoothing=label_smoothing,
+                                  negatives_fraction=negatives_fraction)
     return loss, (metrics, state)
 
 

@@ -13,6 +13,8 @@ Sources (`data` / `--data`):
   synthetic, synthetic:N        generated pairs (N: a finite set; evaluation uses N=1000 by default)
   dir/{00000..00127}.tar        tar shards: brace range, glob (dir/*.tar), or a text file listing shards
   pairs.tsv, pairs.csv          image path <tab|comma> caption; relative paths are relative to the file
+  dataset_coco.json + images    a Karpathy-split JSON: every caption of its train and restval images, each a
+                                pair (Sec. 5.1's fine-tuning sets; `images` is the folder of its images)
 
 Command line: none of its own. `python data.py vocab|filter|synthetic|bench ...` are old names, kept as
 aliases of `python wordpiece.py vocab`, `python filters.py`, `python synthetic.py` and `python bench.py data`.
@@ -38,6 +40,7 @@ import csv
 import glob
 import io
 import itertools
+import json
 import math
 import os
 import re
@@ -184,6 +187,14 @@ def list_shards(spec: str) -> list[str]:
     return [spec]
 
 
+def _row_blocks(path: str, rows: tuple, rows_per_shard: int, min_shards: int) -> list[Shard]:
+    """Rows (image path, caption bytes) as shards of up to rows_per_shard, at least min_shards of them when
+    there are that many rows, so that every process gets one."""
+    rows_per_shard = max(1, min(rows_per_shard, math.ceil(len(rows) / min_shards)))
+    return [Shard(f'{path}[{i}:{i + len(rows[i:i + rows_per_shard])}]', rows[i:i + rows_per_shard])
+            for i in range(0, len(rows), rows_per_shard)]
+
+
 def read_table(path: str, rows_per_shard: int, min_shards: int = 1) -> list[Shard]:
     """A TSV/CSV of image path and caption as blocks of rows (at least min_shards blocks when there are
     that many rows, so that every process gets one); a header row naming the columns is skipped."""
@@ -195,15 +206,39 @@ def read_table(path: str, rows_per_shard: int, min_shards: int = 1) -> list[Shar
     # Captions go on as bytes so that invalid UTF-8 is repaired and counted where tar captions are.
     rows = tuple((os.path.join(root, r[0]), r[1].encode('utf-8', 'surrogateescape') if len(r) > 1 else None)
                  for r in table if r)
-    rows_per_shard = max(1, min(rows_per_shard, math.ceil(len(rows) / min_shards)))
-    return [Shard(f'{path}[{i}:{i + len(rows[i:i + rows_per_shard])}]', rows[i:i + rows_per_shard])
-            for i in range(0, len(rows), rows_per_shard)]
+    return _row_blocks(path, rows, rows_per_shard, min_shards)
 
 
-def source_shards(data: str, rows_per_shard: int = 1000, min_shards: int = 1) -> list[Shard]:
-    """The shards of a `--data` source that is not synthetic."""
+KARPATHY_TRAIN_SPLITS = ('train', 'restval')  # Sec. 5.1: MSCOCO's 82K train + 30K restval; Flickr30K's 29K train
+
+
+def karpathy_image_path(images_dir: str | None, image: dict) -> str:
+    """Where a Karpathy JSON's image is: images_dir/filepath/filename if that exists, else images_dir/filename."""
+    nested = os.path.join(images_dir or '', image.get('filepath', ''), image['filename'])
+    return nested if os.path.exists(nested) else os.path.join(images_dir or '', image['filename'])
+
+
+def read_karpathy_pairs(path: str, images_dir: str | None, rows_per_shard: int, min_shards: int = 1) -> list[Shard]:
+    """A Karpathy-split JSON's training pairs as blocks of rows, like a TSV's: each caption of each image of
+    KARPATHY_TRAIN_SPLITS with its image (5 or so per image, as Sec. 5.1 fine-tunes on them)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            images = [im for im in json.load(f)['images'] if im.get('split') in KARPATHY_TRAIN_SPLITS]
+        rows = tuple((karpathy_image_path(images_dir, im), s['raw'].encode()) for im in images for s in im['sentences'])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f'data.py: {path} is not a readable Karpathy-split JSON ({type(e).__name__}: {e}); '
+                         'expected {"images": [{"filename", "split", "sentences": [{"raw"}]}]}')
+    if not rows:
+        raise ValueError(f'data.py: {path} has no caption in the splits {KARPATHY_TRAIN_SPLITS}')
+    return _row_blocks(path, rows, rows_per_shard, min_shards)
+
+
+def source_shards(data: str, rows_per_shard: int = 1000, min_shards: int = 1, images: str | None = None) -> list[Shard]:
+    """The shards of a `--data` source that is not synthetic (`images`: a Karpathy JSON's image folder)."""
     if re.search(r'\.(tsv|csv)$', data):
         return read_table(data, rows_per_shard, min_shards)
+    if data.endswith('.json'):
+        return read_karpathy_pairs(data, images, rows_per_shard, min_shards)
     return [Shard(p) for p in list_shards(data)]
 
 
@@ -624,12 +659,13 @@ def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int,
                 seed: int = 0, process_index: int = 0, process_count: int = 1, max_len: int = 64, workers: int = 0,
                 shuffle_buffer: int = 1000, interleave: int = 4, rows_per_shard: int = 1000,
                 num_batches: int | None = None, max_bad_fraction: float = 0.5, bad_window: int = 1000,
-                max_pixels: int = MAX_PIXELS, state: dict | None = None) -> Loader:
+                max_pixels: int = MAX_PIXELS, state: dict | None = None, images: str | None = None) -> Loader:
     """Batches of this process's share (global_batch / process_count rows) of `data`.
 
     train=True: an endless stream (random crop + flip, shuffled, deterministic in seed).
     train=False: one ordered pass, central crop, the last batch padded ('valid' marks real rows);
     for evaluation on several processes pass the same num_batches to all (padding batches follow).
+    images: the image folder of a Karpathy JSON `data`.
     """
     if global_batch % process_count:
         raise ValueError(f'data.py: global_batch {global_batch} is not divisible by {process_count} processes')
@@ -648,7 +684,7 @@ def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int,
         if not train and num_batches is None:
             num_batches = math.ceil(size / global_batch)  # equal on every process
     else:
-        stream = _shard_stream(source_shards(data, rows_per_shard, process_count), seed=seed, train=train, process_index=process_index,
+        stream = _shard_stream(source_shards(data, rows_per_shard, process_count, images), seed=seed, train=train, process_index=process_index,
                                process_count=process_count, interleave=interleave,
                                shuffle_buffer=shuffle_buffer, start=start)
     return Loader(stream, cfg, batch=batch, train=train, workers=workers, num_batches=num_batches,

@@ -57,8 +57,7 @@ def read_karpathy(path, split, images_dir, captions_per_image=5):
     paths, captions, txt_to_img, sentids, names = [], [], [], [], []
     try:
         for i, im in enumerate(chosen):
-            nested = os.path.join(images_dir or "", im.get("filepath", ""), im["filename"])
-            paths.append(nested if os.path.exists(nested) else os.path.join(images_dir or "", im["filename"]))
+            paths.append(data.karpathy_image_path(images_dir, im))
             names.append(im["filename"])
             sents = im["sentences"]
             for j, s in enumerate(sents[:captions_per_image or None]):

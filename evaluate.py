@@ -76,9 +76,10 @@ class Model(NamedTuple):
 
 
 def _mesh():
-    # One `data` axis over every device, as train.py's: each embedding batch is split over all of them,
-    # the weights replicated. jax.make_mesh's default axis types reject plain numpy inputs in jax 0.10.
-    return Mesh(np.array(jax.devices()), ("data",))
+    # One `data` axis over this process's devices: each embedding batch is split over all of them, the
+    # weights replicated. Local ones, because train.py's process 0 evaluates alone while the others wait.
+    # jax.make_mesh's default axis types reject plain numpy inputs in jax 0.10.
+    return Mesh(np.array(jax.local_devices()), ("data",))
 
 
 def load_model(checkpoint, vocab=None):
@@ -258,16 +259,41 @@ def attribute_accuracy(embed_texts, tokenizer, max_len, img_NE, batch=64):
     return table
 
 
-def heldout_evaluation(params, state, cfg, tokenizer, eval_data, image_size):
+def readable_recalls(img_NE, ok_N, txt_ME, txt_to_img_M, **kw):
+    """Retrieval recalls over the images that could be read: a skipped image takes its captions with it,
+    and the rest are renumbered."""
+    keep_M = ok_N[txt_to_img_M]
+    new_index = np.cumsum(ok_N) - 1
+    return metrics.retrieval_recalls(img_NE[ok_N], txt_ME[keep_M], new_index[txt_to_img_M[keep_M]], **kw)
+
+
+def heldout_retrieval(params, state, cfg, tokenizer, eval_data, image_size, images=None):
+    """(recalls both ways, images, captions, img_NE) on held-out pairs, Sec. 5.1's protocol: a Karpathy
+    JSON's val split with every image's captions (`images`: its folder), as `evaluate.py retrieval` scores
+    it; or a source's pairs in order, one caption per image (`heldout_embeddings`), whose image
+    embeddings come back too (None for a Karpathy JSON)."""
+    if not eval_data.endswith(".json"):
+        img_NE, txt_NE = heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size)
+        return metrics.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE))), len(img_NE), len(txt_NE), img_NE
+    paths, captions, txt_to_img, _, _ = eval_sets.read_karpathy(eval_data, "val", images)
+    model = Model(cfg, jax.device_put((params, state), NamedSharding(_mesh(), P())), tokenizer, "")
+    img_NE, ok, skipped = embed_image_files(model, paths, image_size)
+    _report_skipped(skipped, len(paths))
+    if not ok.any():
+        raise data.TooManyBadSamples(f"none of the {len(paths)} val images of {eval_data} could be read")
+    recalls = readable_recalls(img_NE, ok, embed_text_list(model, captions), txt_to_img)
+    return recalls, int(ok.sum()), int(ok[txt_to_img].sum()), None
+
+
+def heldout_evaluation(params, state, cfg, tokenizer, eval_data, image_size, images=None):
     """Held-out retrieval R@1/5/10 both ways (Sec. 5.1's protocol), and per attribute on synthetic data."""
     t0 = time.perf_counter()
-    img_NE, txt_NE = heldout_embeddings(params, state, cfg, tokenizer, eval_data, image_size)
-    n = len(img_NE)
-    r = metrics.retrieval_recalls(img_NE, txt_NE, np.arange(n))
-    print(f"held-out retrieval on {n} pairs ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
+    r, n, m, img_NE = heldout_retrieval(params, state, cfg, tokenizer, eval_data, image_size, images)
+    what = f"{n} pairs" if n == m else f"{n} images and {m} captions"
+    print(f"held-out retrieval on {what} ({time.perf_counter() - t0:.0f} s; chance R@1 = {100 / n:.1f}%):")
     for name, key in (("image->text", "i2t"), ("text->image", "t2i")):
         print(f"  {name} R@1 {r[key]['R@1']:.1f}  R@5 {r[key]['R@5']:.1f}  R@10 {r[key]['R@10']:.1f}")
-    result = {"pairs": n, **r}
+    result = {"pairs": n, **r} if n == m else {"images": n, "captions": m, **r}
     if eval_data.startswith("synthetic"):
         embed_texts = lambda ids, mask: np.asarray(align.embed_texts(params, ids, mask, cfg))
         result["attributes"] = attribute_accuracy(embed_texts, tokenizer, cfg.text.max_len, img_NE)
@@ -350,11 +376,8 @@ def run_retrieval(args):
     if not ok.any():
         raise UsageError(f"--images {args.images}: none of the {len(paths)} images could be read")
     eval_sets.same_width(img_NE, txt_ME)
-    # A skipped image takes its captions with it; the rest are renumbered.
+    result = readable_recalls(img_NE, ok, txt_ME, txt_to_img, ties=args.ties, block=args.block)
     keep_M = ok[txt_to_img]
-    new_index = np.cumsum(ok) - 1
-    result = metrics.retrieval_recalls(img_NE[ok], txt_ME[keep_M], new_index[txt_to_img[keep_M]], ties=args.ties,
-                                       block=args.block)
     result["info"] = {"images": int(ok.sum()), "captions": int(keep_M.sum()), "split": args.split,
                       "image_size": args.image_size, "skipped_images": skipped, "ties": args.ties}
     print_table(f"Image-text retrieval, {args.karpathy} split {args.split!r}: {ok.sum()} images, "

@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -42,7 +43,6 @@ import bert
 import data
 import efficientnet as en
 import evaluate
-import metrics
 import synthetic
 import weights
 import wordpiece
@@ -111,12 +111,20 @@ def parse_args(argv=None):
     ap.add_argument("--fixed-temperature", type=float,
                     help="a fixed softmax temperature instead of a learned one (Table 8 rows 7-9: 1/128, 1/64, 1/32)")
     ap.add_argument("--data", default="synthetic", help="tar shards (brace/glob/list), a TSV/CSV, or synthetic")
-    ap.add_argument("--eval-data", help="held-out data for retrieval (default: synthetic's held-out split)")
+    ap.add_argument("--eval-data", help="held-out data for retrieval (default: synthetic's held-out split); a "
+                                        "Karpathy JSON is scored on its val split, every caption of each image")
+    ap.add_argument("--images", help="the image folder of a Karpathy JSON given as --data or --eval-data")
     ap.add_argument("--vocab", help="WordPiece vocab.txt (default: the synthetic data's vocabulary)")
     ap.add_argument("--out", default="runs/tiny")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", help="start from a checkpoint or an HF AlignModel directory")
+    ap.add_argument("--init", help="start from this model: a checkpoint, a run's --out or an HF AlignModel "
+                                   "directory (its architecture, image size and text length; required by --finetune)")
     ap.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass")
+    ap.add_argument("--micro-batch", type=int,
+                    help="pairs per device per forward/backward pass: exact micro-batching of a large batch on few "
+                         "devices, equal to more devices holding this many pairs each (README)")
+    ap.add_argument("--shard-optimizer", action="store_true",
+                    help="split the optimizer state over the devices (ZeRO stage 1) instead of replicating it")
     ap.add_argument("--bn-across-devices", action="store_true",
                     help="average BatchNorm batch statistics over all devices (default: per device, as the paper)")
     ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
@@ -135,23 +143,38 @@ def parse_args(argv=None):
     ap.add_argument("--memory-report", action="store_true",
                     help="print one device's memory for a training step (compiled, not run; 16 pairs per device "
                          "unless --batch-size) as a README table row, and exit")
+    ap.add_argument("--devices", type=int, help=argparse.SUPPRESS)  # tests: the first N devices of one process
     ap.add_argument("--plant-nan-at", type=int, help=argparse.SUPPRESS)  # tests: a NaN batch at this step
     ap.add_argument("--pause-in-checkpoint", type=int, help=argparse.SUPPRESS)  # tests: hang writing this step's
     return ap.parse_args(argv)
 
 
-def resolve(args):
-    """(model config, recipe) from --size plus overrides; errors are UsageError one-liners."""
+def resolve(args, init_cfg=None):
+    """(model config, recipe) from --size plus overrides, or from `init_cfg` (--init's model); errors are
+    UsageError one-liners.
+
+    With --init the model is --init's: its towers, embedding width, image size and text length (an HF
+    directory's text length is Sec. 5's 64, `init_model`). --finetune takes the paper's pre-training
+    recipe with Sec. 5.1's changes, "all the other hyper-parameters are kept the same as pre-training";
+    without it the recipe is --size's. Every value can still be overridden from the command line.
+    """
     if args.size not in align.SIZES:
         raise UsageError(f"unknown --size {args.size!r}; choose one of {list(align.SIZES)}")
-    recipe = RECIPES[args.size]
+    if args.finetune and init_cfg is None:
+        raise UsageError(f"--finetune {args.finetune} needs --init: the pre-trained model to fine-tune (a model "
+                         "directory, a training run's --out, or an HF AlignModel directory)")
+    if init_cfg is not None and (args.image_tower or args.text_tower or args.embed_dim):
+        raise UsageError("--image-tower, --text-tower and --embed-dim do not apply with --init: the model is --init's")
+    recipe = Recipe() if args.finetune else RECIPES[args.size]
     if args.finetune:
         recipe = dataclasses.replace(recipe, **FINETUNE[args.finetune])
+    if init_cfg is not None:
+        recipe = dataclasses.replace(recipe, image_size=init_cfg.image_size)
     recipe = dataclasses.replace(recipe, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                                             if getattr(args, f.name) is not None})
     if recipe.optimizer not in ("lamb", "adamw"):
         raise UsageError(f"unknown --optimizer {recipe.optimizer!r}; choose lamb (the paper's) or adamw")
-    cfg = align.SIZES[args.size]
+    cfg = align.SIZES[args.size] if init_cfg is None else init_cfg
     if args.image_tower:
         if args.image_tower not in en.CONFIGS:
             raise UsageError(f"unknown --image-tower {args.image_tower!r}; choose one of {list(en.CONFIGS)}")
@@ -166,10 +189,13 @@ def resolve(args):
     if args.fixed_temperature is not None:
         if not args.fixed_temperature > 0:
             raise UsageError(f"--fixed-temperature {args.fixed_temperature} must be positive (Table 8: 1/128 = 0.0078125)")
+        if init_cfg is not None:
+            raise UsageError("--fixed-temperature does not apply with --init: the model's temperature is --init's")
         recipe = dataclasses.replace(recipe, temperature_init=args.fixed_temperature)
-    cfg = dataclasses.replace(cfg, learn_temperature=args.fixed_temperature is None)
-    cfg = dataclasses.replace(cfg, embed_dim=args.embed_dim or cfg.embed_dim, temperature_init=recipe.temperature_init,
-                              image_size=recipe.image_size,
+    if init_cfg is None:
+        cfg = dataclasses.replace(cfg, learn_temperature=args.fixed_temperature is None,
+                                  temperature_init=recipe.temperature_init)
+    cfg = dataclasses.replace(cfg, embed_dim=args.embed_dim or cfg.embed_dim, image_size=recipe.image_size,
                               image=dataclasses.replace(cfg.image, dtype=recipe.dtype, remat=args.remat),
                               text=dataclasses.replace(cfg.text, dtype=recipe.dtype, remat=args.remat))
     return cfg, recipe
@@ -234,22 +260,122 @@ def make_optimizer(recipe: Recipe, params):
     return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=recipe.weight_decay, mask=decay_mask), lr
 
 
-def make_step(cfg, recipe, optimizer, mesh, bn_across):
-    """The jitted data-parallel training step over the mesh's `data` axis."""
-    bn_axis = "data" if bn_across else None
+def batch_gradients(params, state, pixels, ids, mask, rng, *, cfg, recipe, bn_axis=None, micro_batch=None):
+    """One device's part of a step, inside shard_map over `data`: (gradients of the global-batch loss,
+    new BatchNorm state, metrics), all replicated.
+
+    Without `micro_batch` (or when it is the device's whole batch): one forward and backward pass over
+    the device's pairs. With it, exact micro-batching (GradCache, Gao et al. 2021): the device's B pairs
+    are K = B / M micro-batches of M, and the step equals one over D x K devices holding M pairs each
+    (D: this mesh's devices) -- the same loss, gradients and BatchNorm update:
+      1. embed every micro-batch in turn, keeping no activations: the global batch's features [B, E];
+      2. the global-batch loss (all-gathered over devices as always) and its gradient with respect to
+         every feature and the temperature;
+      3. embed each micro-batch again, now with its activations, and back-propagate its slice of those
+         gradients into the towers' parameters, summing over micro-batches and devices.
+    Only one micro-batch's activations live at a time, plus the features and their gradients; the cost
+    is one more forward pass of the towers (step 3 recomputes step 1's). Each micro-batch normalises
+    with its own BatchNorm statistics and draws its own stochastic depth (folded by its global index
+    d x K + k, as a device's is by d), and the running averages are the mean of the micro-batches'
+    updates, as they are the mean of the devices'.
+    """
+    d = jax.lax.axis_index("data")
+    loss_kw = dict(axis_name="data", label_smoothing=recipe.label_smoothing,
+                   negatives_fraction=recipe.negatives_fraction)
+    k_micro = pixels.shape[0] // micro_batch if micro_batch else 1
+    if k_micro == 1:
+        (loss, (logged, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
+            params, state, pixels, ids, mask, cfg, jax.random.fold_in(rng, d), bn_axis_name=bn_axis, **loss_kw)
+        grads = jax.lax.pmean(grads, "data")  # align.contrastive_loss's contract: pmean, never psum
+        return grads, jax.lax.pmean(new_state, "data"), logged  # keep BatchNorm's running averages replicated
+
+    def micro(x):  # [B, ...] -> [K, M, ...]: micro-batch k holds the device's rows k*M ... (k+1)*M - 1
+        return x.reshape(k_micro, micro_batch, *x.shape[1:])
+
+    batches = (micro(pixels), micro(ids), micro(mask), jax.vmap(lambda k: jax.random.fold_in(rng, d * k_micro + k))(
+        jnp.arange(k_micro)))
+
+    def towers(p, batch):
+        pixels, ids, mask, rng = batch
+        return align.train_features(p, state, pixels, ids, mask, cfg, rng)
+
+    # 1. Features of every micro-batch; a loop keeps one micro-batch's activations at a time.
+    (img_KME, txt_KME), states = jax.lax.map(lambda batch: towers(params, batch), batches)
+    flat = lambda x_KME: x_KME.reshape(-1, x_KME.shape[-1])
+    # 2. The loss of the global batch and its gradient with respect to the features and the temperature.
+    scalars = {k: v for k, v in params.items() if k == "temperature"}
+    (_, logged), (g_img_BE, g_txt_BE, g_scalars) = jax.value_and_grad(
+        lambda img, txt, p: align.features_loss(img, txt, p, cfg, **loss_kw), argnums=(0, 1, 2), has_aux=True)(
+        flat(img_KME), flat(txt_KME), scalars)
+
+    # 3. Back-propagate each micro-batch's feature gradients. The parameters are marked as varying over
+    # the devices so that each device sums only its own micro-batches' contributions, added over
+    # devices once at the end (the gradient of replicated parameters would otherwise be summed over
+    # devices inside every iteration).
+    local = jax.lax.pcast(params, "data", to="varying")
+
+    def backward(total, batch_and_cotangent):
+        batch, cotangent = batch_and_cotangent
+        _, pull_back = jax.vjp(lambda p: towers(p, batch)[0], local)
+        return jax.tree.map(jnp.add, total, pull_back(cotangent)[0]), None
+
+    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, local),
+                            (batches, (micro(g_img_BE), micro(g_txt_BE))))
+    grads = jax.lax.psum(grads, "data")
+    grads.update({k: grads[k] + g for k, g in g_scalars.items()})
+    new_state = jax.tree.map(lambda x: x.mean(axis=0), states)  # the mean of the micro-batches' updates
+    return grads, jax.lax.pmean(new_state, "data"), logged
+
+
+def shard_over_devices(tree, mesh):
+    """Shardings that split each leaf over the `data` axis along its largest dimension that the devices
+    divide (ZeRO, Rajbhandari et al. 2020); leaves that no dimension of fits (scalars, small vectors)
+    stay replicated."""
+    n = mesh.shape["data"]
+
+    def one(x):
+        axes = [a for a in range(x.ndim) if x.shape[a] % n == 0 and x.shape[a] >= n]
+        if not axes:
+            return jax.sharding.NamedSharding(mesh, P())
+        spec = [None] * x.ndim
+        spec[max(axes, key=lambda a: x.shape[a])] = "data"
+        return jax.sharding.NamedSharding(mesh, P(*spec))
+    return jax.tree.map(one, tree)
+
+
+def opt_shardings(opt_state, mesh, shard_optimizer):
+    """Where the optimizer state lives: split over the devices (`shard_over_devices`), or replicated."""
+    if shard_optimizer:
+        return shard_over_devices(opt_state, mesh)
+    return jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, P()), opt_state)
+
+
+def make_step(cfg, recipe, optimizer, mesh, bn_across, micro_batch=None, shard_optimizer=False):
+    """The jitted data-parallel training step over the mesh's `data` axis.
+
+    The gradients come from `batch_gradients` (shard_map: the batch split over devices, parameters
+    replicated); the optimizer's update follows outside the shard_map. With `shard_optimizer` the
+    optimizer state is split over the devices (`shard_over_devices`, ZeRO stage 1): each device updates
+    its slice of every parameter from its slice of the moments, and the new parameters are gathered back
+    to every device. The arithmetic is the replicated update's; XLA's partitioner adds the collectives
+    (LAMB's per-layer norms become partial sums added over devices).
+    """
+    rep = jax.sharding.NamedSharding(mesh, P())
+    grads_fn = jax.shard_map(
+        functools.partial(batch_gradients, cfg=cfg, recipe=recipe, bn_axis="data" if bn_across else None,
+                          micro_batch=micro_batch),
+        mesh=mesh, in_specs=(P(), P(), P("data"), P("data"), P("data"), P()), out_specs=(P(), P(), P()))
 
     def step(params, state, opt_state, pixels, ids, mask, rng):
-        rng = jax.random.fold_in(rng, jax.lax.axis_index("data"))  # stochastic depth differs per device
-        (loss, (logged, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
-            params, state, pixels, ids, mask, cfg, rng, axis_name="data", bn_axis_name=bn_axis,
-            label_smoothing=recipe.label_smoothing, negatives_fraction=recipe.negatives_fraction)
-        grads = jax.lax.pmean(grads, "data")  # align.contrastive_loss's contract: pmean, never psum
-        new_state = jax.lax.pmean(new_state, "data")  # keep BatchNorm's running averages replicated
-        finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        grads, new_state, logged = grads_fn(params, state, pixels, ids, mask, rng)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in [logged["loss"], *jax.tree.leaves(grads)]]))
 
         def update(params, state, opt_state):
-            updates, new_opt = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_state, new_opt
+            sliced = shard_over_devices(params, mesh) if shard_optimizer else jax.tree.map(lambda _: rep, params)
+            p, g = jax.lax.with_sharding_constraint((params, grads), (sliced, sliced))
+            updates, new_opt = optimizer.update(g, opt_state, p)
+            new_opt = jax.lax.with_sharding_constraint(new_opt, opt_shardings(new_opt, mesh, shard_optimizer))
+            return jax.lax.with_sharding_constraint(optax.apply_updates(p, updates), rep), new_state, new_opt
 
         # A non-finite loss or gradient never reaches the parameters: keep everything as it was. (A
         # conditional, not a select per array: with selects XLA:CPU compiled tiny's step in 46 s, not
@@ -257,20 +383,22 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across):
         params, state, opt_state = jax.lax.cond(finite, update, lambda *old: old, params, state, opt_state)
         return params, state, opt_state, dict(logged, finite=finite.astype(jnp.float32))
 
-    rep = P()
-    return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(rep, rep, rep, P("data"), P("data"), P("data"), rep),
-                                 out_specs=(rep, rep, rep, rep)), donate_argnums=(0, 1, 2))
+    return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def step_shapes(mesh, params, state, opt_state, batch_size, image_size, max_len):
+def step_shapes(mesh, params, state, opt_state, batch_size, image_size, max_len, shard_optimizer=False):
     """The step's arguments as placed shapes, to compile it before any batch exists (`step.lower(...)`)."""
     rep, split = jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
-    placed = lambda tree, sharding: jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding, weak_type=x.weak_type), tree)
-    return (placed(params, rep), placed(state, rep), placed(opt_state, rep),
+
+    def placed(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s, weak_type=x.weak_type),
+                            tree, shardings)
+    everywhere = lambda tree: jax.tree.map(lambda _: rep, tree)
+    return (placed(params, everywhere(params)), placed(state, everywhere(state)),
+            placed(opt_state, opt_shardings(opt_state, mesh, shard_optimizer)),
             jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32, sharding=split),  # as data.py
             *[jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32, sharding=split)] * 2,  # token ids, mask
-            placed(jax.eval_shape(lambda: jax.random.key(0)), rep))
+            jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -311,6 +439,16 @@ def gather_data_states(state, size=1 << 16):
     return [json.loads(bytes(row).rstrip()) for row in np.asarray(rows)]
 
 
+def to_host(tree):
+    """Numpy copies of global arrays, whole on every process; a collective where a leaf is split across
+    processes (`--shard-optimizer` on several hosts), which every process must then call."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if x.is_fully_replicated
+                        else np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process if `flag` is true on any (a collective: every process must call it)."""
     from jax.experimental import multihost_utils
@@ -318,8 +456,10 @@ def any_process(flag: bool) -> bool:
 
 
 def load_checkpoint(path, cfg, optimizer):
+    """(params, state, optimizer state, train_state.json) of a checkpoint, refused unless it holds `cfg`'s
+    model (any model when cfg is None)."""
     params, state, saved_cfg = align.load(path)
-    if saved_cfg != cfg:
+    if cfg is not None and saved_cfg != cfg:
         raise UsageError(f"{path} holds a {saved_cfg.name} model ({saved_cfg.image.name} + BERT-{saved_cfg.text.name}, "
                          f"{saved_cfg.embed_dim}-d), not the one asked for; use a new --out or the same --size")
     opt_template = jax.eval_shape(optimizer.init, params)
@@ -338,8 +478,12 @@ def load_checkpoint(path, cfg, optimizer):
 # Memory
 
 
-def _nbytes(tree):
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+def _nbytes(tree, shardings=None):
+    """Bytes of one device's copy of `tree`: all of it, or its slices under `shardings`."""
+    if shardings is None:
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return sum(jax.tree.leaves(jax.tree.map(lambda x, s: math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize,
+                                            tree, shardings)))
 
 
 def _human(n):
@@ -357,7 +501,8 @@ def step_memory(m):
 
 
 MEMORY_COLUMNS = ["size", "towers", "image", "pairs/device", "dtype", "optimizer", "remat", "parameters",
-                  "optimizer state", "BN state", "arguments", "outputs", "temporaries", "total", "compile"]
+                  "optimizer state", "BN state", "arguments", "outputs", "temporaries", "total", "compile",
+                  "devices", "micro-batch", "optimizer split"]
 
 
 def memory_report(args):
@@ -370,34 +515,35 @@ def memory_report(args):
     donated arguments; temporaries: activations kept for the backward pass and workspace).
     """
     cfg, recipe = resolve(args)
-    n_dev = jax.device_count()
+    mesh = data_mesh(args)
+    n_dev = mesh.size
     batch = args.batch_size or 16 * n_dev
-    if batch % n_dev:
-        raise UsageError(f"--batch-size {batch} is not divisible by the {n_dev} devices; use a multiple of {n_dev}")
+    check_batch(args, batch, n_dev)
     # The word-embedding table is sized by the vocabulary: --vocab's, else the paper's 100k (Sec. 4.1).
     # Everything else is the program `train` would compile here (on CPU, depthwise convolutions as
     # shifted multiply-adds: efficientnet.Config.depthwise).
     vocab_size = len(wordpiece.Tokenizer(args.vocab).vocab) if args.vocab else cfg.text.vocab_size
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     params, state = jax.eval_shape(lambda: align.init(jax.random.key(0), cfg))
     optimizer, _ = make_optimizer(recipe, params)
     opt_state = jax.eval_shape(optimizer.init, params)
     S = recipe.image_size
     t0 = time.perf_counter()
-    compiled = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices).lower(
-        *step_shapes(mesh, params, state, opt_state, batch, S, cfg.text.max_len)).compile()
+    compiled = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices, args.micro_batch,
+                         args.shard_optimizer).lower(
+        *step_shapes(mesh, params, state, opt_state, batch, S, cfg.text.max_len, args.shard_optimizer)).compile()
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     if m is None:
         raise UsageError(f"XLA gives no memory analysis on this backend ({jax.default_backend()})")
     row = {"size": cfg.name, "towers": f"{cfg.image.name} + BERT-{cfg.text.name}", "image": S,
            "pairs/device": batch // n_dev, "dtype": recipe.dtype, "optimizer": recipe.optimizer,
-           "remat": "yes" if args.remat else "no",
-           "parameters": _nbytes(params), "optimizer state": _nbytes(opt_state), "BN state": _nbytes(state),
-           **step_memory(m), "compile": f"{seconds:.0f} s"}
+           "remat": "yes" if args.remat else "no", "parameters": _nbytes(params),
+           "optimizer state": _nbytes(opt_state, opt_shardings(opt_state, mesh, args.shard_optimizer)),
+           "BN state": _nbytes(state), **step_memory(m), "compile": f"{seconds:.0f} s",
+           "devices": n_dev, "micro-batch": args.micro_batch or batch // n_dev, "optimizer split": "yes" if args.shard_optimizer else "no"}
     print("| " + " | ".join(MEMORY_COLUMNS) + " |", file=sys.stderr)
-    print("| " + " | ".join(_human(v) if isinstance(v, int) and k not in ("image", "pairs/device") else str(v)
+    print("| " + " | ".join(_human(v) if isinstance(v, int) and k not in ("image", "pairs/device", "devices", "micro-batch") else str(v)
                             for k, v in row.items()) + " |")
     return 0
 
@@ -434,6 +580,25 @@ class Run:
         return jax.sharding.NamedSharding(self.mesh, P())
 
 
+def data_mesh(args):
+    """The `data` axis over every device of every process (tests may take a single process's first few)."""
+    return jax.sharding.Mesh(np.array(jax.devices()[:args.devices]), ("data",))
+
+
+def check_batch(args, batch_size, n_dev):
+    """The global batch splits evenly over the devices, and each device's share into --micro-batch pairs."""
+    if batch_size % n_dev:
+        raise UsageError(f"--batch-size {batch_size} is not divisible by the {n_dev} devices; use a multiple of {n_dev}")
+    per_device = batch_size // n_dev
+    if args.micro_batch is not None:
+        if not 0 < args.micro_batch <= per_device or per_device % args.micro_batch:
+            raise UsageError(f"--micro-batch {args.micro_batch} must divide the {per_device} pairs per device "
+                             f"(--batch-size {batch_size} over {n_dev} devices)")
+        if args.bn_across_devices and args.micro_batch < per_device:
+            raise UsageError("--micro-batch with --bn-across-devices is not offered: micro-batches normalise with "
+                             "their own BatchNorm statistics, as separate devices do by default")
+
+
 def start_processes(args):
     """Join the other hosts' processes (jax.distributed): at --coordinator, or as SLURM or a TPU pod says."""
     if args.coordinator:
@@ -462,31 +627,36 @@ def wait_for_every_process(name):
 def set_up(args):
     """The run of the command line: the recipe (Sec. 5), the vocabulary, the mesh, the optimizer, and the
     weights, restored from a checkpoint or --init when there is one; OUT/config.json records it all."""
-    cfg, recipe = resolve(args)
+    init = init_model(args)
+    cfg, recipe = resolve(args, init and init[2])
     start_processes(args)
-    n_dev = jax.device_count()
-    if recipe.batch_size % n_dev:
-        raise UsageError(f"--batch-size {recipe.batch_size} is not divisible by the {n_dev} devices; "
-                         f"use a multiple of {n_dev}")
+    mesh = data_mesh(args)
+    n_dev = mesh.size
+    check_batch(args, recipe.batch_size, n_dev)
     if not args.data.startswith("synthetic"):
         try:
-            paths = [args.data] if args.data.endswith((".tsv", ".csv")) else data.list_shards(args.data)
+            paths = [args.data] if args.data.endswith((".tsv", ".csv", ".json")) else data.list_shards(args.data)
         except ValueError as e:
             raise UsageError(str(e))
         if not any(os.path.exists(p) for p in paths):
             raise UsageError(f"--data {args.data!r}: no such file ({len(paths)} path(s) tried, e.g. {paths[0]})")
-    vocab = args.vocab or synthetic.synthetic_vocab()
+    if args.data.endswith(".json") and not args.images:
+        raise UsageError(f"--data {args.data} is a Karpathy JSON: pass --images, the folder of its images")
+    vocab = args.vocab or (init and init[3]) or synthetic.synthetic_vocab()
     if not os.path.exists(vocab):
         raise UsageError(f"--vocab {vocab} does not exist; build one with: python wordpiece.py vocab --data SRC --out vocab.txt")
     tokenizer = wordpiece.Tokenizer(vocab)
+    if init and len(tokenizer.vocab) != cfg.text.vocab_size:
+        raise UsageError(f"--init {args.init} has a {cfg.text.vocab_size}-word vocabulary but --vocab {vocab} has "
+                         f"{len(tokenizer.vocab)}; pass the vocab.txt that came with it")
     # The vocabulary defines the embedding table (ALIGN's is 100k words, built from its data, Sec. 4.1).
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(tokenizer.vocab)))
     optimizer, lr_schedule = make_optimizer(recipe, params=None)  # its masks apply to any tree
     # Held-out pairs: --eval-data, or synthetic data's held-out split when training on synthetic data.
     eval_data = args.eval_data or ("synthetic" if args.data.startswith("synthetic") else None)
-    run = Run(args, cfg, recipe, vocab, tokenizer, jax.sharding.Mesh(np.array(jax.devices()), ("data",)),
+    run = Run(args, cfg, recipe, vocab, tokenizer, mesh,
               optimizer, lr_schedule, eval_data)
-    restore(run)
+    restore(run, init)
     if jax.process_index() == 0:
         os.makedirs(args.out, exist_ok=True)
         resolved = {"model": align.config_to_dict(run.cfg), "recipe": dataclasses.asdict(recipe),
@@ -498,31 +668,53 @@ def set_up(args):
     return run
 
 
-def restore(run):
+def init_model(args):
+    """--init's model as (params, state, cfg, vocab.txt or None), or None without --init.
+
+    When --out already holds a checkpoint of this run, the architecture is read from it and the weights
+    are left to `restore` (params and state None): the same command resumes whatever --init was, even
+    when --init has since moved. An HF directory's model trains at Sec. 5's 64 tokens: its position
+    table (512 rows in kakaobrain/align-base) is cut to the first 64, which are all a 64-token text uses.
+    """
+    if not args.init:
+        return None
+    if checkpoints := align.checkpoints(args.out):
+        with open(os.path.join(checkpoints[-1], "align_config.json")) as f:
+            return None, None, align.config_from_dict(json.load(f)), os.path.join(checkpoints[-1], "vocab.txt")
+    try:
+        path = align.model_dir(args.init)
+        params, state, cfg = align.load(path)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise UsageError(f"--init {e}")
+    if not os.path.exists(os.path.join(path, "align_config.json")) and cfg.text.max_len > 64:  # HF's
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, max_len=64))
+        params["text"]["embeddings"]["position"] = params["text"]["embeddings"]["position"][:64]
+    vocab = os.path.join(path, "vocab.txt")
+    return params, state, cfg, vocab if os.path.exists(vocab) else None
+
+
+def restore(run, init=None):
     """The weights to start from: --out's newest checkpoint (resuming the run exactly), else --init's
-    model (fine-tuning, Sec. 5.1), else a fresh initialisation; all placed replicated."""
+    model (`init_model`: fine-tuning, Sec. 5.1), else a fresh initialisation; parameters and BatchNorm
+    state replicated, the optimizer state as --shard-optimizer says."""
     args, cfg = run.args, run.cfg
     checkpoints = align.checkpoints(args.out)
     if checkpoints:
-        params, state, opt_state, run.progress = load_checkpoint(checkpoints[-1], cfg, run.optimizer)
-        run.params, run.state, run.opt_state = jax.device_put((params, state, opt_state), run.replicated)
+        # A run from --init took its model from there (its cfg came from this checkpoint, `init_model`).
+        params, state, opt_state, run.progress = load_checkpoint(checkpoints[-1], None if args.init else cfg,
+                                                                 run.optimizer)
+        # Whole arrays in the checkpoint, whichever way the run that wrote it held its optimizer state.
+        run.params, run.state = jax.device_put((params, state), run.replicated)
+        run.opt_state = jax.device_put(opt_state, opt_shardings(opt_state, run.mesh, args.shard_optimizer))
         run.resumed = True
         return
-    if args.init:
-        params, state, init_cfg = align.load(args.init)
-        if init_cfg.text.vocab_size != cfg.text.vocab_size:
-            raise UsageError(f"--init {args.init} has a {init_cfg.text.vocab_size}-word vocabulary but --vocab has "
-                             f"{cfg.text.vocab_size}; pass the vocab.txt that came with it")
-        # Its architecture, with this run's image size, compute dtype and rematerialisation.
-        run.cfg = dataclasses.replace(
-            init_cfg, image_size=cfg.image_size,
-            image=dataclasses.replace(init_cfg.image, dtype=cfg.image.dtype, remat=cfg.image.remat),
-            text=dataclasses.replace(init_cfg.text, dtype=cfg.text.dtype, remat=cfg.text.remat))
-        run.params, run.state = jax.device_put((params, state), run.replicated)
+    if init:
+        run.params, run.state = jax.device_put(init[:2], run.replicated)
     else:
         run.params, run.state = jax.jit(align.init, static_argnums=1, out_shardings=run.replicated)(
             jax.random.key(args.seed), cfg)
-    run.opt_state = jax.jit(run.optimizer.init, out_shardings=run.replicated)(run.params)
+    run.opt_state = jax.jit(run.optimizer.init, out_shardings=opt_shardings(
+        jax.eval_shape(run.optimizer.init, run.params), run.mesh, args.shard_optimizer))(run.params)
 
 
 def open_loader(run):
@@ -532,16 +724,17 @@ def open_loader(run):
     return data.make_loader(args.data, tokenizer=run.tokenizer, global_batch=run.recipe.batch_size,
                             image_size=run.recipe.image_size, train=True, seed=args.seed, process_index=p_id,
                             process_count=jax.process_count(), max_len=run.cfg.text.max_len, workers=workers,
-                            max_bad_fraction=args.max_bad_fraction, bad_window=args.bad_window,
+                            max_bad_fraction=args.max_bad_fraction, bad_window=args.bad_window, images=args.images,
                             state=run.progress["data"][p_id] if run.progress["data"] else None)
 
 
 def compile_step(run):
     """`make_step` compiled for this run's shapes, before the first batch; every process waits for all."""
     r = run.recipe
-    step_fn = make_step(run.cfg, r, run.optimizer, run.mesh, run.args.bn_across_devices).lower(
+    step_fn = make_step(run.cfg, r, run.optimizer, run.mesh, run.args.bn_across_devices, run.args.micro_batch,
+                        run.args.shard_optimizer).lower(
         *step_shapes(run.mesh, run.params, run.state, run.opt_state, r.batch_size, r.image_size,
-                     run.cfg.text.max_len)).compile()
+                     run.cfg.text.max_len, run.args.shard_optimizer)).compile()
     if jax.process_count() > 1:
         wait_for_every_process("train.py: step compiled")
     return step_fn
@@ -551,8 +744,9 @@ def checkpoint(run, loader):
     """OUT/ckpt_<step> (`save_checkpoint`). Every process calls it: the data positions are gathered
     collectively, then process 0 writes."""
     run.progress["data"] = gather_data_states(loader.state())
+    opt_state = to_host(run.opt_state)  # whole, whether replicated or split over devices (and processes)
     if jax.process_index() == 0:
-        save_checkpoint(run.args.out, run.progress["step"], run.params, run.state, run.opt_state, run.cfg,
+        save_checkpoint(run.args.out, run.progress["step"], run.params, run.state, opt_state, run.cfg,
                         run.vocab, run.progress, run.args.keep, pause=run.args.pause_in_checkpoint == run.progress["step"])
 
 
@@ -596,20 +790,22 @@ class Log:
             self.file.flush()
 
     def heldout_retrieval(self):
-        """Every --eval-every steps: held-out R@1 both ways, on process 0."""
+        """Every --eval-every steps: held-out R@1 both ways (evaluate.heldout_retrieval), on process 0; a row
+        of R@1/5/10 in OUT/heldout.jsonl."""
         run = self.run
         if not (run.recipe.eval_every and run.progress["step"] % run.recipe.eval_every == 0 and self.on
                 and run.eval_data):
             return
         try:
-            img_NE, txt_NE = evaluate.heldout_embeddings(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
-                                                         run.eval_data, run.recipe.image_size)
-        except data.TooManyBadSamples as e:
+            r, n, m, _ = evaluate.heldout_retrieval(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
+                                                    run.eval_data, run.recipe.image_size, run.args.images)
+        except (data.TooManyBadSamples, evaluate.UsageError) as e:
             self.bar.write(f"step {run.progress['step']}: no held-out retrieval, --eval-data failed: {e}")
             return
-        r = metrics.retrieval_recalls(img_NE, txt_NE, np.arange(len(img_NE)))
-        self.bar.write(f"step {run.progress['step']}: held-out retrieval ({len(img_NE)} pairs) "
+        self.bar.write(f"step {run.progress['step']}: held-out retrieval ({n} images, {m} captions) "
                        f"i2t R@1 {r['i2t']['R@1']:.1f}  t2i R@1 {r['t2i']['R@1']:.1f}")
+        with open(os.path.join(run.args.out, "heldout.jsonl"), "a") as f:
+            f.write(json.dumps({"step": run.progress["step"], "images": n, "captions": m, **r}) + "\n")
 
     def close(self):
         self.bar.close()
@@ -697,8 +893,8 @@ def evaluate_at_end(run):
         return
     try:
         result = evaluate.heldout_evaluation(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
-                                             run.eval_data, run.recipe.image_size)
-    except data.TooManyBadSamples as e:
+                                             run.eval_data, run.recipe.image_size, run.args.images)
+    except (data.TooManyBadSamples, evaluate.UsageError) as e:
         print(f"no held-out evaluation: --eval-data {run.eval_data} failed: {e}")
         return
     with open(os.path.join(run.args.out, "retrieval.json"), "w") as f:
