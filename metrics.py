@@ -1,4 +1,5 @@
-"""The metric maths of evaluating ALIGN (Jia et al., ICML 2021): pure numpy over embeddings, no JAX, no files.
+"""The metric maths of evaluating ALIGN (Jia et al., ICML 2021): numpy over embeddings, no files; the blocked
+similarity kernels also in jax, for an accelerator.
 
 evaluate.py computes the embeddings and reads the evaluation sets, then scores them here; train.py and
 bench.py call `retrieval_recalls` and `probe_accuracy` on their held-out embeddings. Each public function
@@ -16,6 +17,12 @@ Every recall and accuracy goes through `positive_rank_stats`, which computes sim
 `block` x `block`, twice (the best positive, then the counts), so 1M images x 5M captions never build the
 matrix: memory is O(block^2) whatever the sizes.
 
+Backends. `positive_rank_stats` and `top_k` (and every function above built on them) take
+backend="auto" | "numpy" | "jax". "jax" runs the same tiles as one jitted program per tile shape (the last
+block is padded, not compiled anew) on jax's default device, in float32 at Precision.HIGHEST, so that it
+ranks exactly as numpy does; "auto" picks jax when that device is an accelerator and numpy on a CPU, where
+numpy measured as fast or faster (BENCHMARKS.md, "Evaluation kernels").
+
 Ties never count for the query: a positive that ties with negatives gets its expected place in a random
 order of the tie, so a model that outputs one constant embedding scores exactly chance (an argsort would
 let the lower index win); ties="pessimistic" puts every tied negative first instead. `top_k`, which
@@ -29,11 +36,18 @@ Dimension key:
 
 Deviations from the paper and the reference protocols:
   - Ties: expected place in a random order of the tie (above); big_vision's argsort breaks them by index.
+    Scores tie when they are equal in float32. The numpy and jax backends sum the products in different
+    orders, so a score can differ in its last bit between them and a near-tie can go either way; exact ties
+    (identical rows, exactly representable sums) are the same on both (test_metrics.py).
   - CxC retrieval positives: the original COCO pairs plus CxC pairs with agg_score >= 3 (our reading
     of Parekh et al. 2021; evaluate.py's `--cxc-threshold`); text->text and image->image ask only the
     queries with a positive, over all other captions / images. The correlations use a plain bootstrap
     of the pairs.
 """
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -62,8 +76,16 @@ def _pairs_in_tile(pairs_P2, q0, q1, n0, n1):
     return sub[:, 0] - q0, sub[:, 1] - n0
 
 
+def use_jax(backend="auto"):
+    """Whether the blocked kernels run in jax: "auto" on an accelerator only (on a CPU numpy measured as fast
+    for retrieval, 1.3x faster for KNN, 3x for top_k, and needs no compile)."""
+    if backend not in ("auto", "numpy", "jax"):
+        raise ValueError(f"backend={backend!r}: use 'auto', 'numpy' or 'jax'")
+    return backend == "jax" or (backend == "auto" and jax.default_backend() != "cpu")
+
+
 def positive_rank_stats(query_QE, cand_NE, query_label_Q=None, cand_label_N=None, positive_pairs=None,
-                        exclude_pairs=None, block=4096):
+                        exclude_pairs=None, block=4096, backend="auto"):
     """Where each query's best-scoring positive stands among the candidates, by dot product.
 
     Candidate n is a positive of query q when query_label_Q[q] == cand_label_N[n], or when (q, n) is
@@ -81,6 +103,9 @@ def positive_rank_stats(query_QE, cand_NE, query_label_Q=None, cand_label_N=None
     num_q, num_n = len(query_QE), len(cand_NE)
     labelled = query_label_Q is not None and cand_label_N is not None
     pos_P2, excl_P2 = _sorted_pairs(positive_pairs), _sorted_pairs(exclude_pairs)
+    if use_jax(backend):
+        return _positive_rank_stats_jax(query_QE, cand_NE, query_label_Q if labelled else None,
+                                        cand_label_N if labelled else None, pos_P2, excl_P2, block)
     above, tied_neg, tied_pos = (np.zeros(num_q, np.int64) for _ in range(3))
 
     def tile(q0, q1, n0, n1):
@@ -105,6 +130,82 @@ def positive_rank_stats(query_QE, cand_NE, query_label_Q=None, cand_label_N=None
         # The best positive ties with itself, even if a BLAS that is not bit-reproducible rounds it
         # differently the second time.
         tied_pos[q0:q1] = np.where(np.isfinite(best), np.maximum(tied_pos[q0:q1], 1), 0)
+    return above, tied_neg, tied_pos
+
+
+def _block_size(n, block):
+    """The side of jax's blocks over n rows: as many blocks as numpy's, of one size (one compile), at most
+    `block`, evened out so that padding the last block wastes little (a multiple of 8 where it can)."""
+    num_blocks = max(-(-n // block), 1)  # -(-a // b): ceil(a / b)
+    size = -(-n // num_blocks)
+    return max(min(-(-size // 8) * 8, block), 1)
+
+
+def _padded(x, rows, fill=0):
+    """x with rows appended (fill) up to `rows`: the last block gets the shape of the others, so one compile."""
+    return np.concatenate([x, np.full((rows - len(x),) + x.shape[1:], fill, x.dtype)]) if rows > len(x) else x
+
+
+def _pairs_padded(pairs_P2, q0, q1, rows):
+    """The pairs of query rows [q0, q1) as (local row, candidate) int32, padded to a power of two (few
+    compiles) with row `rows`, which the scatter drops. None gives [0, 2]: no scatter, so the masks fuse."""
+    lo, hi = np.searchsorted(pairs_P2[:, 0], [q0, q1])
+    sub = pairs_P2[lo:hi]
+    size = 1 << int(hi - lo - 1).bit_length() if hi > lo else 0
+    out = np.full((size, 2), rows, np.int32)
+    out[:len(sub), 0], out[:len(sub), 1] = sub[:, 0] - q0, sub[:, 1]
+    return out
+
+
+@jax.jit
+def _rank_tile_jax(query_BE, cand_KBE, query_code_B, cand_code_KB, num_n, k, pos_P2, excl_P2, best_B):
+    """The tile of a query block and the k-th candidate block, for either pass of `positive_rank_stats`:
+    its best positive per query, and (above, tied_neg, tied_pos) [3, B] against best_B. Both passes run
+    this one program so that the similarities are bitwise the same in each."""
+    bq, bn = query_BE.shape[0], cand_KBE.shape[1]
+    # HIGHEST: true float32 products as numpy's; TF32 or bfloat16 passes would move near-ties.
+    sim_BB = jnp.dot(query_BE, cand_KBE[k].T, precision=jax.lax.Precision.HIGHEST)
+    col_B = k * bn + jnp.arange(bn)
+    in_tile = lambda cols: jnp.where((cols >= k * bn) & (cols < (k + 1) * bn), cols - k * bn, bn)  # bn: dropped
+    pos = query_code_B[:, None] == cand_code_KB[k][None, :]
+    pos = pos.at[pos_P2[:, 0], in_tile(pos_P2[:, 1])].set(True, mode="drop")
+    valid = jnp.broadcast_to(col_B < num_n, (bq, bn))  # the last block's padding is neither
+    valid = valid.at[excl_P2[:, 0], in_tile(excl_P2[:, 1])].set(False, mode="drop")
+    pos, neg = pos & valid, valid & ~pos
+    above, at = sim_BB > best_B[:, None], sim_BB == best_B[:, None]
+    # One reduction of four operands reads the tile once: as four reductions XLA:CPU took 5-20x longer.
+    best, *counts = jax.lax.reduce(
+        (jnp.where(pos, sim_BB, -jnp.inf), (neg & above).astype(jnp.int32), (neg & at).astype(jnp.int32),
+         (pos & at).astype(jnp.int32)), (-jnp.inf, 0, 0, 0),
+        lambda x, y: (jax.lax.max(x[0], y[0]), x[1] + y[1], x[2] + y[2], x[3] + y[3]), (1,))
+    return best, jnp.stack(counts)
+
+
+def _positive_rank_stats_jax(query_QE, cand_NE, query_label_Q, cand_label_N, pos_P2, excl_P2, block):
+    """`positive_rank_stats` on jax's default device, the candidates moved there once as [K, B, E] blocks."""
+    num_q, (num_n, width) = len(query_QE), cand_NE.shape
+    bq, bn = _block_size(num_q, block), _block_size(num_n, block)
+    num_k = -(-num_n // bn)
+    if query_label_Q is None:  # codes that never match: only the pairs are positives
+        query_code_Q, cand_code_N = np.full(num_q, -1, np.int32), np.full(num_n, -2, np.int32)
+    else:  # labels of any dtype as int32 codes (jax's default integers)
+        _, codes = np.unique(np.r_[np.asarray(query_label_Q), np.asarray(cand_label_N)], return_inverse=True)
+        query_code_Q, cand_code_N = codes[:num_q].astype(np.int32), codes[num_q:].astype(np.int32)
+    cand_KBE = jnp.asarray(_padded(cand_NE, num_k * bn).reshape(num_k, bn, width))
+    cand_code_KB = jnp.asarray(_padded(cand_code_N, num_k * bn, -3).reshape(num_k, bn))
+    above, tied_neg, tied_pos = (np.zeros(num_q, np.int64) for _ in range(3))
+    for q0, q1 in blocks(num_q, bq):
+        query_BE, query_code_B = _padded(query_QE[q0:q1], bq), _padded(query_code_Q[q0:q1], bq)
+        tile_inputs = jnp.asarray(query_BE), cand_KBE, jnp.asarray(query_code_B), cand_code_KB, num_n
+        pairs = _pairs_padded(pos_P2, q0, q1, bq), _pairs_padded(excl_P2, q0, q1, bq)
+        best_B, counts_3B = jnp.full(bq, -jnp.inf, jnp.float32), jnp.zeros((3, bq), jnp.int32)
+        for k in range(num_k):
+            best_B = jnp.maximum(best_B, _rank_tile_jax(*tile_inputs, k, *pairs, best_B)[0])
+        for k in range(num_k):
+            counts_3B += _rank_tile_jax(*tile_inputs, k, *pairs, best_B)[1]
+        best, counts_3Q = np.asarray(best_B)[:q1 - q0], np.asarray(counts_3B)[:, :q1 - q0]
+        above[q0:q1], tied_neg[q0:q1] = counts_3Q[0], counts_3Q[1]
+        tied_pos[q0:q1] = np.where(np.isfinite(best), np.maximum(counts_3Q[2], 1), 0)  # as the numpy path does
     return above, tied_neg, tied_pos
 
 
@@ -137,7 +238,7 @@ def _recalls(stats, ks, ties, name="R@{}"):
     return {name.format(k): 100.0 * float(np.mean(hit_probability(*stats, k, ties))) for k in ks}
 
 
-def retrieval_recalls(img_NE, txt_ME, txt_to_img_M, ks=(1, 5, 10), ties="expected", block=4096):
+def retrieval_recalls(img_NE, txt_ME, txt_to_img_M, ks=(1, 5, 10), ties="expected", block=4096, backend="auto"):
     """Image->text and text->image Recall@K in percent (ALIGN Sec. 5.1, Table 1).
 
     img_NE, txt_ME: embeddings (cosine when L2-normalised); txt_to_img_M: the image of each caption.
@@ -151,8 +252,8 @@ def retrieval_recalls(img_NE, txt_ME, txt_to_img_M, ks=(1, 5, 10), ties="expecte
     """
     txt_to_img_M = np.asarray(txt_to_img_M)
     n = len(img_NE)
-    i2t = positive_rank_stats(img_NE, txt_ME, np.arange(n), txt_to_img_M, block=block)
-    t2i = positive_rank_stats(txt_ME, img_NE, txt_to_img_M, np.arange(n), block=block)
+    i2t = positive_rank_stats(img_NE, txt_ME, np.arange(n), txt_to_img_M, block=block, backend=backend)
+    t2i = positive_rank_stats(txt_ME, img_NE, txt_to_img_M, np.arange(n), block=block, backend=backend)
     return {"i2t": _recalls(i2t, ks, ties), "t2i": _recalls(t2i, ks, ties)}
 
 
@@ -166,7 +267,7 @@ def class_embeddings(prompt_CTE):
     return mean_CE / np.maximum(np.linalg.norm(mean_CE, axis=-1, keepdims=True), 1e-12)
 
 
-def classification_accuracy(x_QE, class_CE, label_Q, ks=(1, 5), ties="expected", block=4096):
+def classification_accuracy(x_QE, class_CE, label_Q, ks=(1, 5), ties="expected", block=4096, backend="auto"):
     """Top-k accuracy in percent of classifying each row by its highest dot product with a class row.
 
     Zero-shot (Sec. 5.2, Table 4) with class_CE from `class_embeddings`; a linear probe with
@@ -176,7 +277,8 @@ def classification_accuracy(x_QE, class_CE, label_Q, ks=(1, 5), ties="expected",
     >>> classification_accuracy(x, classes, np.array([0, 2, 1]), ks=(1, 2))
     {'top1': 50.0, 'top2': 83.33333333333334}
     """
-    stats = positive_rank_stats(x_QE, class_CE, np.asarray(label_Q), np.arange(len(class_CE)), block=block)
+    stats = positive_rank_stats(x_QE, class_CE, np.asarray(label_Q), np.arange(len(class_CE)), block=block,
+                                backend=backend)
     return _recalls(stats, ks, ties, name="top{}")
 
 
@@ -194,7 +296,8 @@ def probe_accuracy(x_NE, cand_NVE, true_N, ties="expected"):
     return 100.0 * float(np.mean(hit_probability(above_N, tied_N, np.ones_like(above_N), 1, ties)))
 
 
-def knn_recall(query_QE, index_NE, query_label_Q, index_label_N, ks=(1, 5, 10), ties="expected", block=4096):
+def knn_recall(query_QE, index_NE, query_label_Q, index_label_N, ks=(1, 5, 10), ties="expected", block=4096,
+               backend="auto"):
     """ImageNet KNN (footnote 3, Tables 8-10): Recall@K in percent, a hit when the query's label is
     among the labels of its K nearest index images.
 
@@ -202,7 +305,8 @@ def knn_recall(query_QE, index_NE, query_label_Q, index_label_N, ks=(1, 5, 10), 
     >>> knn_recall(np.array([[1., 0.1], [0., 1.]]), index, np.array([7, 5]), np.array([3, 7, 5]), ks=(1, 2))
     {'R@1': 50.0, 'R@2': 100.0}
     """
-    stats = positive_rank_stats(query_QE, index_NE, np.asarray(query_label_Q), np.asarray(index_label_N), block=block)
+    stats = positive_rank_stats(query_QE, index_NE, np.asarray(query_label_Q), np.asarray(index_label_N),
+                                block=block, backend=backend)
     return _recalls(stats, ks, ties)
 
 
@@ -250,7 +354,7 @@ def spearman_bootstrap(x_P, y_P, n_boot=1000, seed=0):
 
 
 def cxc_scores(img_NE, txt_ME, txt_to_img_M, pairs, threshold=3.0, ks=(1, 5, 10), n_boot=1000, seed=0,
-               ties="expected", block=4096):
+               ties="expected", block=4096, backend="auto"):
     """Crisscrossed Captions (Parekh et al. 2021; ALIGN Tables 2-3) from embeddings and judgements.
 
     pairs: {"sts": (caption_P, caption_P, score_P), "sis": (image_P, image_P, score_P),
@@ -261,22 +365,23 @@ def cxc_scores(img_NE, txt_ME, txt_to_img_M, pairs, threshold=3.0, ks=(1, 5, 10)
     Spearman's R x 100 of cosine against agg_score over all pairs, bootstrap mean and std.
     """
     keep = lambda task: [x[pairs[task][2] >= threshold] for x in pairs[task][:2]]
+    rank_stats = functools.partial(positive_rank_stats, block=block, backend=backend)
 
     def intra(emb, task):
         a, b = keep(task)
         a, b = np.r_[a, b], np.r_[b, a]  # a judgement goes both ways
         queries = np.unique(a)
-        stats = positive_rank_stats(emb[queries], emb, positive_pairs=np.c_[np.searchsorted(queries, a), b],
-                                    exclude_pairs=np.c_[np.arange(len(queries)), queries], block=block)
+        stats = rank_stats(emb[queries], emb, positive_pairs=np.c_[np.searchsorted(queries, a), b],
+                           exclude_pairs=np.c_[np.arange(len(queries)), queries])
         return _recalls(stats, ks, ties)
 
     cap, img = keep("sits")
     n = len(img_NE)
+    i2t = rank_stats(img_NE, txt_ME, np.arange(n), txt_to_img_M, positive_pairs=np.c_[img, cap])
+    t2i = rank_stats(txt_ME, img_NE, txt_to_img_M, np.arange(n), positive_pairs=np.c_[cap, img])
     result = {
-        "i2t": _recalls(positive_rank_stats(img_NE, txt_ME, np.arange(n), txt_to_img_M,
-                                            positive_pairs=np.c_[img, cap], block=block), ks, ties),
-        "t2i": _recalls(positive_rank_stats(txt_ME, img_NE, txt_to_img_M, np.arange(n),
-                                            positive_pairs=np.c_[cap, img], block=block), ks, ties),
+        "i2t": _recalls(i2t, ks, ties),
+        "t2i": _recalls(t2i, ks, ties),
         "t2t": intra(txt_ME, "sts"),
         "i2i": intra(img_NE, "sis"),
     }
@@ -288,7 +393,7 @@ def cxc_scores(img_NE, txt_ME, txt_to_img_M, pairs, threshold=3.0, ks=(1, 5, 10)
     return result
 
 
-def top_k(query_QE, index_NE, k, block=4096):
+def top_k(query_QE, index_NE, k, block=4096, backend="auto"):
     """The k highest dot products of each query over the index, best first (ties: lower index first),
     one block of the index at a time -> (scores_QK, indices_QK).
 
@@ -297,6 +402,8 @@ def top_k(query_QE, index_NE, k, block=4096):
     """
     query_QE, index_NE = np.asarray(query_QE, np.float32), np.asarray(index_NE, np.float32)
     k = min(k, len(index_NE))
+    if use_jax(backend):
+        return _top_k_jax(query_QE, index_NE, k, block)
     best_s = np.full((len(query_QE), 0), -np.inf, np.float32)
     best_i = np.zeros((len(query_QE), 0), np.int64)
     for n0, n1 in blocks(len(index_NE), block):
@@ -305,6 +412,36 @@ def top_k(query_QE, index_NE, k, block=4096):
         keep = np.lexsort((i, -s), axis=1)[:, :k]  # sort by score, descending, then by index
         best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
     return best_s, best_i
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _top_k_tile_jax(query_BE, index_KBE, num_n, j, best_BK, best_index_BK, k):
+    """`top_k`'s merge of the j-th index block into the running best, on jax's default device."""
+    bn = index_KBE.shape[1]
+    sim_BB = jnp.dot(query_BE, index_KBE[j].T, precision=jax.lax.Precision.HIGHEST)  # float32, as numpy's
+    col_B = j * bn + jnp.arange(bn)
+    score = jnp.concatenate([best_BK, jnp.where(col_B < num_n, sim_BB, -jnp.inf)], axis=1)
+    index = jnp.concatenate([best_index_BK, jnp.broadcast_to(col_B, sim_BB.shape)], axis=1)
+    # The tie rule spelled out as a two-key sort (-score, index), as numpy's lexsort, rather than left to
+    # whichever kernel lax.top_k gets on a device.
+    _, index, score = jax.lax.sort((-score, index, score), dimension=1, num_keys=2)
+    return score[:, :k], index[:, :k]
+
+
+def _top_k_jax(query_QE, index_NE, k, block):
+    num_q, num_n = len(query_QE), len(index_NE)
+    bq, bn = _block_size(num_q, block), _block_size(num_n, block)
+    num_k = -(-num_n // bn)
+    index_KBE = jnp.asarray(_padded(index_NE, num_k * bn).reshape(num_k, bn, index_NE.shape[1]))
+    scores_QK, indices_QK = np.zeros((num_q, k), np.float32), np.zeros((num_q, k), np.int64)
+    for q0, q1 in blocks(num_q, bq):
+        query_BE = jnp.asarray(_padded(query_QE[q0:q1], bq))
+        # Placeholders that lose every tie, even with a real -inf or a padded column.
+        best_BK, best_index_BK = jnp.full((bq, k), -jnp.inf, jnp.float32), jnp.full((bq, k), 2**31 - 1, jnp.int32)
+        for j in range(num_k):
+            best_BK, best_index_BK = _top_k_tile_jax(query_BE, index_KBE, num_n, j, best_BK, best_index_BK, k)
+        scores_QK[q0:q1], indices_QK[q0:q1] = np.asarray(best_BK)[:q1 - q0], np.asarray(best_index_BK)[:q1 - q0]
+    return scores_QK, indices_QK
 
 
 def combine_query(image_E=None, plus_TE=(), minus_TE=(), image_weight=1.0, text_weight=2.0):

@@ -3,6 +3,7 @@ import doctest
 import itertools
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -149,6 +150,84 @@ def test_blocked_equals_unblocked():
     expected = np.lexsort((np.broadcast_to(np.arange(69), full_scores.shape), -full_scores), axis=1)[:, :7]
     np.testing.assert_array_equal(idx, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(full_scores, expected, 1), rtol=1e-6)
+
+
+def tied_embeddings(seed):
+    """Images and captions of small integers, so every dot product is exact in float32 whatever the order of
+    the sums, with many exact ties (repeated rows, a constant row); 23 images and 69 captions leave a partial
+    last block at every block size below."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(-2, 3, (23, 6)).astype(np.float32)
+    txt = np.repeat(img, 3, axis=0) + rng.integers(-1, 2, (69, 6)).astype(np.float32)
+    txt[::7], img[::5], txt[3] = txt[0], img[1], 1.0
+    return img, txt, np.repeat(np.arange(23), 3)
+
+
+@pytest.mark.parametrize("block", [4, 10, 4096])
+def test_jax_backend_ranks_exactly_as_numpy(block):
+    img, txt, caption_image = tied_embeddings(block)
+    extra = np.c_[np.random.default_rng(1).integers(0, 23, 30), np.random.default_rng(2).integers(0, 69, 30)]
+    for kwargs in ({"query_label_Q": np.arange(23), "cand_label_N": caption_image},  # labels
+                   {"positive_pairs": extra, "exclude_pairs": extra[:5] + [0, 1]},  # pairs only
+                   {"query_label_Q": np.arange(23), "cand_label_N": caption_image, "positive_pairs": extra,
+                    "exclude_pairs": extra[5:9]}):
+        by_backend = [metrics.positive_rank_stats(img, txt, **kwargs, block=block, backend=b)
+                      for b in ("numpy", "jax")]
+        for stat_numpy, stat_jax in zip(*by_backend):
+            assert stat_jax.dtype == np.int64
+            np.testing.assert_array_equal(stat_numpy, stat_jax)
+    # the callers, ties counted as the numpy path counts them
+    for ties in ("expected", "pessimistic"):
+        assert (metrics.retrieval_recalls(img, txt, caption_image, ties=ties, block=block, backend="jax")
+                == metrics.retrieval_recalls(img, txt, caption_image, ties=ties, block=block, backend="numpy"))
+    labels = np.arange(69) % 4
+    assert (metrics.knn_recall(txt, txt[::-1], labels, labels, block=block, backend="jax")
+            == metrics.knn_recall(txt, txt[::-1], labels, labels, block=block, backend="numpy"))
+    # top_k: ties (and 0.0 against -0.0) go to the lower index on both paths
+    scores_numpy, idx_numpy = metrics.top_k(img, -txt, k=9, block=block, backend="numpy")
+    scores_jax, idx_jax = metrics.top_k(img, -txt, k=9, block=block, backend="jax")
+    assert idx_jax.dtype == np.int64
+    np.testing.assert_array_equal(idx_jax, idx_numpy)
+    np.testing.assert_array_equal(scores_jax, scores_numpy)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_top_k_ties_go_to_the_lower_index(backend):
+    # scores [0, 0, 0, 0, -0.5] and all zeros (some -0.0); blocks of 2 pad the index with a sixth row, which
+    # must not take the last place at score 0
+    index = np.array([[0, 1], [-0.0, -5], [0, 5], [-0.0, -1], [0.5, 0]], np.float32)
+    scores, idx = metrics.top_k(np.array([[-1, 0], [0, 0]], np.float32), index, k=5, block=2, backend=backend)
+    np.testing.assert_array_equal(idx, [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(scores, [[0, 0, 0, 0, -0.5], [0, 0, 0, 0, 0]])
+
+
+def test_jax_backend_equals_numpy_on_unit_embeddings():
+    # Float32 sums that round: the two paths agree on these (and on the exact ties of repeated rows), though
+    # a near-tie within the last bit could in principle go either way.
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(37, 24)).astype(np.float32)
+    txt = np.repeat(img, 3, axis=0) + rng.normal(scale=0.8, size=(111, 24)).astype(np.float32)
+    img, txt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (img, txt))
+    txt[::7], img[::5] = txt[0], img[1]
+    caption_image = np.repeat(np.arange(37), 3)
+    for direction in ((img, txt, np.arange(37), caption_image), (txt, img, caption_image, np.arange(37))):
+        for stat_numpy, stat_jax in zip(*[metrics.positive_rank_stats(*direction, block=16, backend=b)
+                                          for b in ("numpy", "jax")]):
+            np.testing.assert_array_equal(stat_numpy, stat_jax)
+    np.testing.assert_array_equal(metrics.top_k(txt, img, 9, block=16, backend="jax")[1],
+                                  metrics.top_k(txt, img, 9, block=16, backend="numpy")[1])
+
+
+def test_jax_backend_compiles_once_per_block_shape():
+    img, txt, caption_image = tied_embeddings(0)
+    img, txt = np.pad(img, ((0, 0), (0, 5))), np.pad(txt, ((0, 0), (0, 5)))  # width 11: not compiled before
+    before = metrics._rank_tile_jax._cache_size()
+    metrics.positive_rank_stats(txt, img, caption_image, np.arange(23), block=10, backend="jax")  # 7 x 3 blocks
+    assert metrics._rank_tile_jax._cache_size() == before + 1  # the partial last blocks are padded, not new shapes
+    assert metrics.use_jax("jax") and not metrics.use_jax("numpy")
+    assert metrics.use_jax("auto") == (jax.default_backend() != "cpu")
+    with pytest.raises(ValueError):
+        metrics.use_jax("gpu")
 
 
 def test_cxc_scores_positives_and_correlations():
