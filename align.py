@@ -38,6 +38,10 @@ Deviations from the paper and from HF's `AlignModel`:
     `export_hf` of a model trained at 289 gives HF the crop side 288.
   - The logits matmul runs at float32 HIGHEST precision (no bfloat16 passes on TPU, no TF32 on GPU),
     because dividing by a temperature near 1/64 amplifies the rounding of the cosines 64 times.
+  - Not in ALIGN: `contrastive_loss(..., teacher=, distill_alpha=)`, momentum distillation for noisy
+    alt-text from ALBEF (Li et al., NeurIPS 2021, Sec. 3.3). Unlike ALBEF the teacher is scored against the
+    same gathered in-batch candidates as the student (no queue of 65,536 momentum features), and its
+    targets are mixed with ALIGN's label-smoothed ones rather than a plain one-hot.
 """
 import argparse
 import dataclasses
@@ -117,11 +121,16 @@ def _candidates_BN(labels_B, n, negatives_fraction):
     return (labels_B[:, None] // g) == (jnp.arange(n)[None, :] // g)
 
 
-def _cross_entropy_B(logits_BN, labels_B, label_smoothing, candidates_BN):
+def _cross_entropy_B(logits_BN, labels_B, label_smoothing, candidates_BN, teacher_logits_BN=None, alpha=0.0):
     """Softmax cross-entropy of each row against its positive, with label smoothing over its candidates.
 
     The smoothed target, as in optax, PyTorch and HF, is (1 - ls) on the positive plus ls / K on each
     of the row's K candidates, so the cross-entropy is logsumexp(z) - (1 - ls) z_pos - ls mean(z).
+
+    With `teacher_logits_BN` (momentum distillation, ALBEF Sec. 3.3) the target is (1 - alpha) x that plus
+    alpha x q, q the softmax of the teacher's logits over the same K candidates. Cross-entropy is linear in
+    its target, so this is the plain cross-entropy minus alpha (q . z - smoothed . z): alpha = 0, even
+    traced, subtracts an exact zero and leaves the plain value's bits.
     """
     if candidates_BN is None:
         num_candidates = logits_BN.shape[1]
@@ -131,12 +140,19 @@ def _cross_entropy_B(logits_BN, labels_B, label_smoothing, candidates_BN):
         masked_BN = jnp.where(candidates_BN, logits_BN, -jnp.inf)
         zeroed_BN = jnp.where(candidates_BN, logits_BN, 0.0)
     positive_B = jnp.take_along_axis(logits_BN, labels_B[:, None], axis=1)[:, 0]
-    return (jax.nn.logsumexp(masked_BN, axis=1) - (1 - label_smoothing) * positive_B
-            - label_smoothing * zeroed_BN.sum(axis=1) / num_candidates)
+    cross_entropy_B = (jax.nn.logsumexp(masked_BN, axis=1) - (1 - label_smoothing) * positive_B
+                       - label_smoothing * zeroed_BN.sum(axis=1) / num_candidates)
+    if teacher_logits_BN is None:
+        return cross_entropy_B
+    if candidates_BN is not None:
+        teacher_logits_BN = jnp.where(candidates_BN, teacher_logits_BN, -jnp.inf)
+    teacher_BN = jax.nn.softmax(teacher_logits_BN, axis=1)  # exactly 0 off the candidates
+    smoothed_dot_B = (1 - label_smoothing) * positive_B + label_smoothing * zeroed_BN.sum(axis=1) / num_candidates
+    return cross_entropy_B - alpha * ((teacher_BN * zeroed_BN).sum(axis=1) - smoothed_dot_B)
 
 
 def contrastive_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name=None,
-                     negatives_fraction=1.0, with_metrics=False):
+                     negatives_fraction=1.0, with_metrics=False, teacher=None, distill_alpha=0.0):
     """Symmetric normalized softmax loss, ALIGN Sec. 4.1, Eq. 1-2: L = L_i2t + L_t2i, a float32 scalar.
 
     img_BE, txt_BE: L2-normalised embeddings of B image-text pairs (row i of each is a pair). Without
@@ -151,6 +167,17 @@ def contrastive_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name
     with_metrics: return (loss, metrics) instead, metrics being what a training step logs, every value
       global: loss_i2t, loss_t2i (Eq. 1, 2) and accuracy_i2t, accuracy_t2i, the fraction of the N images
       (texts) whose top-scoring candidate is their own text (image), per direction as big_vision logs it.
+    teacher, distill_alpha: momentum distillation (not in ALIGN; ALBEF, Li et al. NeurIPS 2021, Sec. 3.3,
+      L_itc^mod; ../shared/paper/albef_notes.md). `teacher` is (img_BE, txt_BE) of the momentum (EMA)
+      model, L2-normalised, sharded like the student's; each row's target becomes (1 - distill_alpha) x the
+      label-smoothed one-hot plus distill_alpha x the softmax of the teacher's logits over the row's
+      candidates, in both directions, as in ALBEF's code (models/model_pretrain.py, `sim_i2t_targets`;
+      ALBEF's alpha is 0.4, ramped up over the first epoch, and the EMA momentum 0.995). The teacher's
+      logits are gathered like the student's and divided by the student's temperature, as ALBEF divides
+      both by `self.temp`; targets carry no gradient, not even to the temperature. The value is ALBEF's
+      code's cross-entropy form; the paper's equation writes the distillation term as a KL divergence,
+      which is smaller by distill_alpha x the teacher's entropy, a constant with the same gradients.
+      distill_alpha may be traced (a schedule); a Python 0.0, or teacher=None, is the plain loss.
 
     Gradient contract for a data-parallel step (parameters replicated, batch sharded, `jax.grad` of this
     value taken inside the shard_map): reduce parameter gradients with `jax.lax.pmean(grads, axis_name)`,
@@ -170,6 +197,15 @@ def contrastive_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name
     logits_i2t_BN, logits_t2i_BN, labels_B = _logits(img_BE, txt_BE, temperature, axis_name)
     n = logits_i2t_BN.shape[1]
     candidates_BN = _candidates_BN(labels_B, n, negatives_fraction)
+    teacher_i2t_BN = teacher_t2i_BN = None
+    no_distillation = isinstance(distill_alpha, (int, float)) and distill_alpha == 0  # the plain program
+    if teacher is None and not no_distillation:
+        raise ValueError(f"distill_alpha={distill_alpha} needs a teacher's embeddings")
+    if teacher is not None and not no_distillation:
+        # ALBEF's pseudo-targets: the teacher's logits, laid out as the student's, with no gradient to the
+        # teacher's embeddings nor to the temperature (ALBEF computes them under torch.no_grad()).
+        teacher_i2t_BN, teacher_t2i_BN, _ = jax.lax.stop_gradient(_logits(*teacher, temperature, axis_name))
+        distill_alpha = jnp.asarray(distill_alpha, jnp.float32)
 
     def global_mean(x_B):
         # Eq. 1 and 2 are means over the N pairs of the global batch. This device holds B of them, so it
@@ -177,8 +213,10 @@ def contrastive_loss(img_BE, txt_BE, temperature, label_smoothing=0.1, axis_name
         total = x_B.astype(jnp.float32).sum()
         return (total if axis_name is None else jax.lax.psum(total, axis_name)) / n
 
-    loss_i2t = global_mean(_cross_entropy_B(logits_i2t_BN, labels_B, label_smoothing, candidates_BN))
-    loss_t2i = global_mean(_cross_entropy_B(logits_t2i_BN, labels_B, label_smoothing, candidates_BN))
+    loss_i2t = global_mean(_cross_entropy_B(logits_i2t_BN, labels_B, label_smoothing, candidates_BN,
+                                            teacher_i2t_BN, distill_alpha))
+    loss_t2i = global_mean(_cross_entropy_B(logits_t2i_BN, labels_B, label_smoothing, candidates_BN,
+                                            teacher_t2i_BN, distill_alpha))
     # The paper sums the two directions (Eq. 1 + Eq. 2); HF's AlignModel averages them (half our value).
     loss = loss_i2t + loss_t2i
     if not with_metrics:
@@ -291,16 +329,18 @@ def embed_texts(params, ids_BL, mask_BL, cfg: Config):
 
 
 def features_loss(img_BE, txt_BE, params, cfg: Config, *, axis_name=None, label_smoothing=0.1,
-                  negatives_fraction=1.0):
+                  negatives_fraction=1.0, teacher=None, distill_alpha=0.0):
     """Eq. 1-2 on the towers' unnormalised features [B, E]: (loss, metrics).
 
     metrics: `contrastive_loss`'s (loss of each direction, top-1 accuracy of each direction), the loss, the
     temperature, and img_norm, txt_norm: the mean norm of the features before L2-normalisation, over the
     global batch. Of `params` only the temperature is read, so its gradient is the temperature's alone.
+    teacher, distill_alpha: momentum distillation, as `contrastive_loss` (teacher: normalised embeddings).
     """
     t = temperature(params, cfg)
     loss, metrics = contrastive_loss(l2_normalise(img_BE), l2_normalise(txt_BE), t, label_smoothing, axis_name,
-                                     negatives_fraction, with_metrics=True)
+                                     negatives_fraction, with_metrics=True, teacher=teacher,
+                                     distill_alpha=distill_alpha)
     # Every device holds as many rows, so the mean of the devices' means is the global mean.
     global_mean = lambda x: x if axis_name is None else jax.lax.pmean(x, axis_name)
     return loss, {"loss": loss, **metrics, "temperature": jnp.asarray(t, jnp.float32),
@@ -315,7 +355,7 @@ def train_features(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng
 
 
 def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *, axis_name=None,
-               bn_axis_name=None, label_smoothing=0.1, negatives_fraction=1.0):
+               bn_axis_name=None, label_smoothing=0.1, negatives_fraction=1.0, teacher=None, distill_alpha=0.0):
     """The training objective on a batch, Eq. 1-2 on the towers' embeddings: (loss, (metrics, new BatchNorm
     state)), for jax.value_and_grad; metrics as `features_loss`.
 
@@ -324,7 +364,7 @@ def train_loss(params, state, pixels_BHWC, ids_BL, mask_BL, cfg: Config, rng, *,
     """
     (img_BE, txt_BE), state = train_features(params, state, pixels_BHWC, ids_BL, mask_BL, cfg, rng, bn_axis_name)
     loss, metrics = features_loss(img_BE, txt_BE, params, cfg, axis_name=axis_name, label_smoothing=label_smoothing,
-                                  negatives_fraction=negatives_fraction)
+                                  negatives_fraction=negatives_fraction, teacher=teacher, distill_alpha=distill_alpha)
     return loss, (metrics, state)
 
 

@@ -162,7 +162,7 @@ class Shard(NamedTuple):
 
 class Raw(NamedTuple):
     key: str                   # 'shard:key', named in error reports
-    image: bytes | str | tuple | None  # bytes, a file path, or ('synthetic', seed, split, index)
+    image: bytes | str | tuple | None  # bytes, a file path, or ('synthetic', seed, split, index, noise)
     ext: str
     caption: bytes | None
     reason: str | None = None  # set when the sample is already known to be bad
@@ -340,8 +340,8 @@ def _process(task: tuple, cfg: _Config) -> tuple:
     repaired = None
     try:
         if isinstance(image, tuple):  # synthetic: the caption comes with the image
-            _, seed, split, index = image
-            pixels_HWC, text = synthetic.synthetic_example(seed, index, resize_for(cfg.image_size), split)
+            _, seed, split, index, noise = image
+            pixels_HWC, text = synthetic.synthetic_example(seed, index, resize_for(cfg.image_size), split, noise)
             flip = False  # captions say 'left' and 'right'
             pixels_HWC = crop_pixels(Image.fromarray(pixels_HWC), cfg.image_size, x0, y0, flip)
         else:
@@ -422,8 +422,19 @@ def _shard_stream(shards: list[Shard], *, seed: int, train: bool, process_index:
         epoch, group = epoch + 1, 0
 
 
-def _synthetic_stream(*, seed: int, size: int | None, train: bool, global_batch: int, process_index: int,
-                      batch: int, start: tuple) -> Iterator[tuple]:
+def _synthetic_options(data: str) -> tuple[int | None, float]:
+    """(N, noise) of 'synthetic', 'synthetic:N', 'synthetic:noise=0.4' or 'synthetic:N,noise=0.4'."""
+    size, noise = None, synthetic.NOISE
+    for option in filter(None, data.partition(':')[2].split(',')):
+        if option.startswith('noise='):
+            noise = float(option.removeprefix('noise='))
+        else:
+            size = int(option)
+    return size, noise
+
+
+def _synthetic_stream(*, seed: int, size: int | None, noise: float, train: bool, global_batch: int,
+                      process_index: int, batch: int, start: tuple) -> Iterator[tuple]:
     """Global sample g = step * global_batch + row; process p takes rows [p*B, (p+1)*B) of each step,
     so the global batch depends on the seed and the step only, not on the number of processes."""
     _, step, row = start
@@ -434,7 +445,7 @@ def _synthetic_stream(*, seed: int, size: int | None, train: bool, global_batch:
                 return
             index, epoch = (g % size, g // size) if size else (g, 0)
             aug = (seed, epoch, index) if train else None
-            yield (0, step, r), (f'synthetic:{index}', ('synthetic', seed, 0 if train else 1, index), None, None, aug)
+            yield (0, step, r), (f'synthetic:{index}', ('synthetic', seed, 0 if train else 1, index, noise), None, None, aug)
         row = 0
 
 
@@ -678,8 +689,11 @@ def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int,
     start = tuple(state['position']) if state else (0, 0, 0)
     cfg = _Config(tokenizer, image_size, max_len, max_pixels)
     if data == 'synthetic' or data.startswith('synthetic:'):
-        size = int(data.partition(':')[2]) if ':' in data else None if train else synthetic.SYNTHETIC_EVAL_SIZE
-        stream = _synthetic_stream(seed=seed, size=size, train=train, global_batch=global_batch,
+        size, noise = _synthetic_options(data)
+        size = size or (None if train else synthetic.SYNTHETIC_EVAL_SIZE)
+        # Only training pairs get the requested noise: the held-out split keeps synthetic.NOISE, one yardstick.
+        stream = _synthetic_stream(seed=seed, size=size, noise=noise if train else synthetic.NOISE, train=train,
+                                   global_batch=global_batch,
                                    process_index=process_index, batch=batch, start=start)
         if not train and num_batches is None:
             num_batches = math.ceil(size / global_batch)  # equal on every process
@@ -694,10 +708,10 @@ def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int,
 def read_samples(data: str, limit: int | None = None, images: bool = True) -> Iterator[Raw]:
     """Every raw sample of a source once, in order (for `vocab` and `filter`); images as bytes."""
     if data == 'synthetic' or data.startswith('synthetic:'):
-        size = int(data.partition(':')[2]) if ':' in data else limit or 10_000
+        size = _synthetic_options(data)[0] or limit or 10_000
         for i in range(min(size, limit or size)):
             caption = synthetic._synthetic_scene(np.random.default_rng([0, 0, i]))[1]
-            yield Raw(f'synthetic:{i}', ('synthetic', 0, 0, i), '', caption.encode())
+            yield Raw(f'synthetic:{i}', ('synthetic', 0, 0, i, synthetic.NOISE), '', caption.encode())
         return
     raws = itertools.chain.from_iterable(read_shard(s) for s in source_shards(data))
     for raw in itertools.islice(raws, limit):

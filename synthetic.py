@@ -3,7 +3,9 @@
 Not in the paper: ALIGN (Jia et al., ICML 2021) trains on 1.8B noisy alt-text pairs from the web. These stand
 in for them so that a model trains, and can be checked, on a CPU with nothing to download: 1-2 groups of 1-3
 circles, squares or triangles in 8 colours, 2 sizes and 5 places, captioned in varied words, a tenth of the
-captions noisy like web alt-text (Fig. 2). data.py reads them as the `synthetic` and `synthetic:N` sources.
+captions noisy like web alt-text (Fig. 2). A `noise` knob sets that share for training (ALBEF's momentum
+distillation is for noisy pairs): noise above a tenth is captions of other scenes, pairs that do not match.
+data.py reads them as the `synthetic` and `synthetic:N` sources.
 Top to bottom:
   _synthetic_scene, synthetic_example  one pair, deterministic in (seed, split, index); split 1 is held out
   SYN_ATTRIBUTES, attribute_probes     zero-shot probes of each attribute on the held-out scenes
@@ -47,10 +49,21 @@ SYN_NOISE = ('image {n} jpg', 'dsc {n} jpg file', 'thumbnail for version as of {
              'photo by user{n} on flickr', 'screenshot {n} {m} at home', 'copy of img {n} final')
 SYN_NOISY_RELEVANT = ('{c} {s} wallpaper hd free download', '{c} {s} clipart png {n}', 'vector {s} icon {c} color',
                       'buy {c} {s} online best price')
+# The share of noisy captions: the default, and always that of the held-out split (data.py passes other values
+# to the training split only), so that one evaluation scores models trained at any noise.
+NOISE = 0.1
 
 
-def _synthetic_scene(rng: np.random.Generator) -> tuple[list, str]:
-    """Draws 1-2 groups of 1-3 identical shapes and a caption naming counts, sizes, colours, places."""
+def _synthetic_scene(rng: np.random.Generator, noise: float = NOISE) -> tuple[list, str]:
+    """Draws 1-2 groups of 1-3 identical shapes and a caption naming counts, sizes, colours, places.
+
+    A share `noise` of the captions are noisy: up to NOISE of them web-like alt-text, unrelated or loosely
+    related to the scene (as every noisy caption was before the knob existed, so the default changes nothing);
+    the share above NOISE the plain caption of another scene. The scene, and so the image, do not depend on
+    `noise`, and a caption noisy at some noise is noisy at every higher one.
+    """
+    if not 0 <= noise <= 1:
+        raise ValueError(f'synthetic: noise={noise} is not a share between 0 and 1')
     places = [list(SYN_REGIONS)[rng.integers(5)]] if rng.random() < 0.5 else \
         [('left', 'right'), ('top', 'bottom')][rng.integers(2)]
     colours = rng.permutation(len(SYN_COLOURS))
@@ -72,20 +85,31 @@ def _synthetic_scene(rng: np.random.Generator) -> tuple[list, str]:
         caption = prefix + ' ' + caption
     if rng.random() < 0.1 and len(caption.split()) + 4 <= 20:
         caption += suffix
-    if rng.random() < 0.1:  # like web alt-text (ALIGN Fig. 2): unrelated, or only loosely related
+    u = rng.random()
+    if u < NOISE:  # drawn whatever the noise, so that the draws after it (the image's) never depend on it
         n, m = int(rng.integers(10, 9999)), int(rng.integers(10, 99))
         noisy = SYN_NOISE if rng.random() < 0.5 else SYN_NOISY_RELEVANT
-        caption = noisy[rng.integers(len(noisy))].format(n=n, m=m, c=groups[0][2], s=groups[0][3])
+        alt_text = noisy[rng.integers(len(noisy))].format(n=n, m=m, c=groups[0][2], s=groups[0][3])
+    if u < min(noise, NOISE):  # like web alt-text (ALIGN Fig. 2): unrelated, or only loosely related
+        caption = alt_text
+    elif u < noise:  # a caption that describes another image: a mismatched pair
+        # A child stream: deterministic in this one, and drawing from it leaves this one (the image) as it is.
+        other_rng = rng.spawn(1)[0]
+        other_groups = groups
+        while other_groups == groups:  # rare, but then the caption would describe this image after all
+            other_groups, caption = _synthetic_scene(other_rng, noise=0.0)
     return groups, caption
 
 
-def synthetic_example(seed: int, index: int, resize: int, split: int = 0) -> tuple[np.ndarray, str]:
+def synthetic_example(seed: int, index: int, resize: int, split: int = 0,
+                      noise: float = NOISE) -> tuple[np.ndarray, str]:
     """Sample `index` of the synthetic set: (pixels_HWC uint8 of side `resize`, caption).
 
-    Deterministic in (seed, split, index); split 0 is training, 1 is evaluation (never trained on).
+    Deterministic in (seed, split, index, noise); split 0 is training, 1 is evaluation (never trained on).
+    noise: the share of noisy captions (`_synthetic_scene`); the pixels are the same at every noise.
     """
     rng = np.random.default_rng([seed, split, index])
-    groups, caption = _synthetic_scene(rng)
+    groups, caption = _synthetic_scene(rng, noise)
     grey = int(rng.integers(90, 170))
     img = Image.new('RGB', (resize, resize), (grey, grey, grey + int(rng.integers(-20, 20))))
     draw = ImageDraw.Draw(img)

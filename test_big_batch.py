@@ -17,6 +17,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 import align
 import bert
 import efficientnet as en
+import step
 import train
 
 # Stochastic depth on (drop_connect 0.2), so that the test sees each micro-batch's random draws.
@@ -40,11 +41,11 @@ def _relative_error(tree_a, tree_b):
 
 
 def _gradients(devices, micro_batch, cfg=CFG):
-    """train.batch_gradients on `devices` simulated devices, as the step calls it: a function of the rng
+    """step.batch_gradients on `devices` simulated devices, as the step calls it: a function of the rng
     giving (grads, state, metrics) on a fixed batch."""
     mesh = Mesh(np.array(jax.devices()[:devices]), ("data",))
     fn = jax.jit(jax.shard_map(
-        functools.partial(train.batch_gradients, cfg=cfg, recipe=RECIPE, micro_batch=micro_batch),
+        functools.partial(step.batch_gradients, cfg=cfg, recipe=RECIPE, micro_batch=micro_batch),
         mesh=mesh, in_specs=(P(), P(), P("data"), P("data"), P("data"), P()), out_specs=(P(), P(), P())))
     params, state = align.init(jax.random.key(0), cfg)
     batch = _batch(16)

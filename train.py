@@ -4,22 +4,17 @@
     python train.py --size L2 --data 'shards/{00000..99999}.tar' --vocab vocab.txt --out runs/l2
     python train.py --size L2 --memory-report --remat   # one device's memory for a step: compiled, not run
 
-The step is data parallel over one `data` mesh axis spanning every device of every process: each
-device holds its slice of the global batch, the parameters are replicated, and the loss is ALIGN's
-global-batch contrastive loss (align.py), whose negatives are every pair on every device. Parameter
-gradients are averaged over the axis (the contract in `align.contrastive_loss`).
+The step (step.py) is data parallel over one `data` mesh axis spanning every device of every process:
+each device holds its slice of the global batch, the parameters are replicated, and the loss is ALIGN's
+global-batch contrastive loss (align.py), whose negatives are every pair on every device. This file holds
+the recipe and the run around the step: configuration, checkpoints, the memory report, the loop.
 
 Checkpoints (`OUT/ckpt_<step>/`): a model directory of `align.save` (weights, BatchNorm state, config,
 vocab) plus the optimizer state and `train_state.json` (step, data position, counters). A checkpoint is
 written under a temporary name and renamed into place, so a kill never leaves a half-written one; the
 last `--keep` are kept; the same command started again resumes from the newest.
 
-Deviations from the paper's recipe, and details it leaves open:
-- LAMB's trust ratio applies only to the parameters that get weight decay (matrices, kernels, embedding
-  tables), as in TF Model Garden's and timm's LAMB; biases, BatchNorm/LayerNorm parameters and the
-  log-temperature take Adam's step. The paper names LAMB and nothing finer.
-- BatchNorm running averages are averaged over devices after each step, so the state stays replicated
-  (the batch statistics used in the forward pass stay per device, as on the paper's TPUs).
+Deviations from the paper's recipe: step.py's docstring.
 """
 
 import argparse
@@ -34,7 +29,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -46,6 +40,8 @@ import evaluate
 import synthetic
 import weights
 import wordpiece
+# The step and its optimizer live in step.py; train.make_optimizer and train.make_step stay where users import them.
+from step import make_optimizer, make_step, opt_shardings, step_shapes
 
 P = jax.sharding.PartitionSpec
 
@@ -123,6 +119,13 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch", type=int,
                     help="pairs per device per forward/backward pass: exact micro-batching of a large batch on few "
                          "devices, equal to more devices holding this many pairs each (README)")
+    ap.add_argument("--momentum-distill", type=float, default=0.0, metavar="ALPHA",
+                    help="ALBEF's momentum distillation: soft targets from a moving average of the model, weight "
+                         "ALPHA (ALBEF: 0.4), ramped up from 0 over the warm-up; 0 is ALIGN's loss")
+    ap.add_argument("--ema-momentum", type=float, default=0.995, help="momentum of the moving average (ALBEF: 0.995)")
+    ap.add_argument("--ema", action="store_true",
+                    help="keep the moving average of the weights (implied by --momentum-distill) and evaluate it "
+                         "instead of the weights; each checkpoint holds it as a model directory ckpt_*/ema")
     ap.add_argument("--shard-optimizer", action="store_true",
                     help="split the optimizer state over the devices (ZeRO stage 1) instead of replicating it")
     ap.add_argument("--bn-across-devices", action="store_true",
@@ -172,6 +175,9 @@ def resolve(args, init_cfg=None):
         recipe = dataclasses.replace(recipe, image_size=init_cfg.image_size)
     recipe = dataclasses.replace(recipe, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)
                                             if getattr(args, f.name) is not None})
+    if not 0 <= args.momentum_distill <= 1 or not 0 <= args.ema_momentum < 1:
+        raise UsageError(f"--momentum-distill {args.momentum_distill} must be in [0, 1] (ALBEF: 0.4) and "
+                         f"--ema-momentum {args.ema_momentum} in [0, 1) (ALBEF: 0.995)")
     if recipe.optimizer not in ("lamb", "adamw"):
         raise UsageError(f"unknown --optimizer {recipe.optimizer!r}; choose lamb (the paper's) or adamw")
     cfg = align.SIZES[args.size] if init_cfg is None else init_cfg
@@ -202,211 +208,12 @@ def resolve(args, init_cfg=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Optimiser and step
-
-
-def _is_stacked(path):
-    """Leaves stacked over layers: EfficientNet stages' 'rest' blocks and BERT's 'layers'."""
-    names = [getattr(k, "key", None) for k in path]
-    return "rest" in names or names[:2] == ["text", "layers"]
-
-
-def decay_mask(params):
-    """True for the leaves that get weight decay and LAMB's trust ratio: weight matrices, conv kernels and
-    embedding tables; False for biases, BatchNorm/LayerNorm parameters and the temperature.
-
-    A leaf's rank tells them apart, counting a stacked leaf's layer axis out: matrices and kernels have
-    two or more axes, the rest are vectors or scalars.
-    """
-    return jax.tree_util.tree_map_with_path(lambda path, x: x.ndim - _is_stacked(path) >= 2, params)
-
-
-def scale_by_layer_trust_ratio(mask):
-    """LAMB's trust ratio |w| / |u| (You et al. 2020, Algorithm 2), one per layer, on `mask`'s leaves only.
-
-    The other leaves keep the plain Adam step, as TF Model Garden's LAMB (`exclude_from_layer_adaptation`
-    defaults to the weight-decay exclusions) and timm's (`always_adapt=False`) do: a bias or a BatchNorm
-    offset starts at 0, and a step proportional to its norm would leave it there, growing by (1 + lr) per
-    step from rounding. optax computes the ratio per leaf, but our scanned blocks and BERT layers are
-    stacked on a leading axis: those leaves get one ratio per slice of that axis, as separate layers would.
-    """
-    def update(updates, state, params):
-        def one(path, u, p, adapt):
-            if not adapt:
-                return u
-            axes = tuple(range(1, u.ndim)) if _is_stacked(path) else None
-            p_norm = jnp.sqrt(jnp.sum(jnp.square(p), axis=axes, keepdims=True))
-            u_norm = jnp.sqrt(jnp.sum(jnp.square(u), axis=axes, keepdims=True))
-            return u * jnp.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.0)
-        return jax.tree_util.tree_map_with_path(one, updates, params, mask(params)), state
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(recipe: Recipe, params):
-    """LAMB (or AdamW) with weight decay on weight matrices only, warm-up then linear decay (Sec. 5).
-
-    Returns (optimizer, learning-rate schedule). `params` is unused beyond its structure: the masks are
-    functions of the tree, so the optimizer applies to any tree of the same shape.
-    """
-    del params
-    lr = optax.join_schedules([optax.linear_schedule(0.0, recipe.lr, max(recipe.warmup_steps, 1)),
-                               optax.linear_schedule(recipe.lr, 0.0, max(recipe.steps - recipe.warmup_steps, 1))],
-                              [recipe.warmup_steps])
-    if recipe.optimizer == "lamb":  # optax.lamb's chain with the masked, per-layer trust ratio above
-        return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6),
-                           optax.add_decayed_weights(recipe.weight_decay, decay_mask),
-                           scale_by_layer_trust_ratio(decay_mask), optax.scale_by_learning_rate(lr)), lr
-    # The same without the trust ratio: AdamW's step is absolute, not relative to each layer's norm.
-    return optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-6, weight_decay=recipe.weight_decay, mask=decay_mask), lr
-
-
-def batch_gradients(params, state, pixels, ids, mask, rng, *, cfg, recipe, bn_axis=None, micro_batch=None):
-    """One device's part of a step, inside shard_map over `data`: (gradients of the global-batch loss,
-    new BatchNorm state, metrics), all replicated.
-
-    Without `micro_batch` (or when it is the device's whole batch): one forward and backward pass over
-    the device's pairs. With it, exact micro-batching (GradCache, Gao et al. 2021): the device's B pairs
-    are K = B / M micro-batches of M, and the step equals one over D x K devices holding M pairs each
-    (D: this mesh's devices) -- the same loss, gradients and BatchNorm update:
-      1. embed every micro-batch in turn, keeping no activations: the global batch's features [B, E];
-      2. the global-batch loss (all-gathered over devices as always) and its gradient with respect to
-         every feature and the temperature;
-      3. embed each micro-batch again, now with its activations, and back-propagate its slice of those
-         gradients into the towers' parameters, summing over micro-batches and devices.
-    Only one micro-batch's activations live at a time, plus the features and their gradients; the cost
-    is one more forward pass of the towers (step 3 recomputes step 1's). Each micro-batch normalises
-    with its own BatchNorm statistics and draws its own stochastic depth (folded by its global index
-    d x K + k, as a device's is by d), and the running averages are the mean of the micro-batches'
-    updates, as they are the mean of the devices'.
-    """
-    d = jax.lax.axis_index("data")
-    loss_kw = dict(axis_name="data", label_smoothing=recipe.label_smoothing,
-                   negatives_fraction=recipe.negatives_fraction)
-    k_micro = pixels.shape[0] // micro_batch if micro_batch else 1
-    if k_micro == 1:
-        (loss, (logged, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
-            params, state, pixels, ids, mask, cfg, jax.random.fold_in(rng, d), bn_axis_name=bn_axis, **loss_kw)
-        grads = jax.lax.pmean(grads, "data")  # align.contrastive_loss's contract: pmean, never psum
-        return grads, jax.lax.pmean(new_state, "data"), logged  # keep BatchNorm's running averages replicated
-
-    def micro(x):  # [B, ...] -> [K, M, ...]: micro-batch k holds the device's rows k*M ... (k+1)*M - 1
-        return x.reshape(k_micro, micro_batch, *x.shape[1:])
-
-    batches = (micro(pixels), micro(ids), micro(mask), jax.vmap(lambda k: jax.random.fold_in(rng, d * k_micro + k))(
-        jnp.arange(k_micro)))
-
-    def towers(p, batch):
-        pixels, ids, mask, rng = batch
-        return align.train_features(p, state, pixels, ids, mask, cfg, rng)
-
-    # 1. Features of every micro-batch; a loop keeps one micro-batch's activations at a time.
-    (img_KME, txt_KME), states = jax.lax.map(lambda batch: towers(params, batch), batches)
-    flat = lambda x_KME: x_KME.reshape(-1, x_KME.shape[-1])
-    # 2. The loss of the global batch and its gradient with respect to the features and the temperature.
-    scalars = {k: v for k, v in params.items() if k == "temperature"}
-    (_, logged), (g_img_BE, g_txt_BE, g_scalars) = jax.value_and_grad(
-        lambda img, txt, p: align.features_loss(img, txt, p, cfg, **loss_kw), argnums=(0, 1, 2), has_aux=True)(
-        flat(img_KME), flat(txt_KME), scalars)
-
-    # 3. Back-propagate each micro-batch's feature gradients. The parameters are marked as varying over
-    # the devices so that each device sums only its own micro-batches' contributions, added over
-    # devices once at the end (the gradient of replicated parameters would otherwise be summed over
-    # devices inside every iteration).
-    local = jax.lax.pcast(params, "data", to="varying")
-
-    def backward(total, batch_and_cotangent):
-        batch, cotangent = batch_and_cotangent
-        _, pull_back = jax.vjp(lambda p: towers(p, batch)[0], local)
-        return jax.tree.map(jnp.add, total, pull_back(cotangent)[0]), None
-
-    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, local),
-                            (batches, (micro(g_img_BE), micro(g_txt_BE))))
-    grads = jax.lax.psum(grads, "data")
-    grads.update({k: grads[k] + g for k, g in g_scalars.items()})
-    new_state = jax.tree.map(lambda x: x.mean(axis=0), states)  # the mean of the micro-batches' updates
-    return grads, jax.lax.pmean(new_state, "data"), logged
-
-
-def shard_over_devices(tree, mesh):
-    """Shardings that split each leaf over the `data` axis along its largest dimension that the devices
-    divide (ZeRO, Rajbhandari et al. 2020); leaves that no dimension of fits (scalars, small vectors)
-    stay replicated."""
-    n = mesh.shape["data"]
-
-    def one(x):
-        axes = [a for a in range(x.ndim) if x.shape[a] % n == 0 and x.shape[a] >= n]
-        if not axes:
-            return jax.sharding.NamedSharding(mesh, P())
-        spec = [None] * x.ndim
-        spec[max(axes, key=lambda a: x.shape[a])] = "data"
-        return jax.sharding.NamedSharding(mesh, P(*spec))
-    return jax.tree.map(one, tree)
-
-
-def opt_shardings(opt_state, mesh, shard_optimizer):
-    """Where the optimizer state lives: split over the devices (`shard_over_devices`), or replicated."""
-    if shard_optimizer:
-        return shard_over_devices(opt_state, mesh)
-    return jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, P()), opt_state)
-
-
-def make_step(cfg, recipe, optimizer, mesh, bn_across, micro_batch=None, shard_optimizer=False):
-    """The jitted data-parallel training step over the mesh's `data` axis.
-
-    The gradients come from `batch_gradients` (shard_map: the batch split over devices, parameters
-    replicated); the optimizer's update follows outside the shard_map. With `shard_optimizer` the
-    optimizer state is split over the devices (`shard_over_devices`, ZeRO stage 1): each device updates
-    its slice of every parameter from its slice of the moments, and the new parameters are gathered back
-    to every device. The arithmetic is the replicated update's; XLA's partitioner adds the collectives
-    (LAMB's per-layer norms become partial sums added over devices).
-    """
-    rep = jax.sharding.NamedSharding(mesh, P())
-    grads_fn = jax.shard_map(
-        functools.partial(batch_gradients, cfg=cfg, recipe=recipe, bn_axis="data" if bn_across else None,
-                          micro_batch=micro_batch),
-        mesh=mesh, in_specs=(P(), P(), P("data"), P("data"), P("data"), P()), out_specs=(P(), P(), P()))
-
-    def step(params, state, opt_state, pixels, ids, mask, rng):
-        grads, new_state, logged = grads_fn(params, state, pixels, ids, mask, rng)
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in [logged["loss"], *jax.tree.leaves(grads)]]))
-
-        def update(params, state, opt_state):
-            sliced = shard_over_devices(params, mesh) if shard_optimizer else jax.tree.map(lambda _: rep, params)
-            p, g = jax.lax.with_sharding_constraint((params, grads), (sliced, sliced))
-            updates, new_opt = optimizer.update(g, opt_state, p)
-            new_opt = jax.lax.with_sharding_constraint(new_opt, opt_shardings(new_opt, mesh, shard_optimizer))
-            return jax.lax.with_sharding_constraint(optax.apply_updates(p, updates), rep), new_state, new_opt
-
-        # A non-finite loss or gradient never reaches the parameters: keep everything as it was. (A
-        # conditional, not a select per array: with selects XLA:CPU compiled tiny's step in 46 s, not
-        # 27 s, and planned 23% more temporary memory.)
-        params, state, opt_state = jax.lax.cond(finite, update, lambda *old: old, params, state, opt_state)
-        return params, state, opt_state, dict(logged, finite=finite.astype(jnp.float32))
-
-    return jax.jit(step, donate_argnums=(0, 1, 2))
-
-
-def step_shapes(mesh, params, state, opt_state, batch_size, image_size, max_len, shard_optimizer=False):
-    """The step's arguments as placed shapes, to compile it before any batch exists (`step.lower(...)`)."""
-    rep, split = jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
-
-    def placed(tree, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s, weak_type=x.weak_type),
-                            tree, shardings)
-    everywhere = lambda tree: jax.tree.map(lambda _: rep, tree)
-    return (placed(params, everywhere(params)), placed(state, everywhere(state)),
-            placed(opt_state, opt_shardings(opt_state, mesh, shard_optimizer)),
-            jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32, sharding=split),  # as data.py
-            *[jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32, sharding=split)] * 2,  # token ids, mask
-            jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep))
-
-
-# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
-def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state, keep, pause=False):
-    """OUT/ckpt_<step>: written as OUT/.tmp_ckpt_<step> and renamed, so it is whole or absent.
+def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state, keep, pause=False, teacher=None):
+    """OUT/ckpt_<step>: written as OUT/.tmp_ckpt_<step> and renamed, so it is whole or absent. The moving
+    average of the weights (`teacher`), when kept, is the model directory OUT/ckpt_<step>/ema.
 
     `pause` is for tests: stop half-way through the write, to be killed there.
     """
@@ -416,6 +223,8 @@ def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state
         shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
     align.save(tmp, jax.device_get(params), jax.device_get(state), cfg, vocab_path=vocab)
     weights.write_safetensors(os.path.join(tmp, "optimizer.safetensors"), weights.tree_to_flat(jax.device_get(opt_state)))
+    if teacher is not None:
+        align.save(os.path.join(tmp, "ema"), *jax.device_get((teacher["params"], teacher["state"])), cfg, vocab_path=vocab)
     if pause:
         time.sleep(3600)
     with open(os.path.join(tmp, "train_state.json"), "w") as f:
@@ -529,9 +338,10 @@ def memory_report(args):
     opt_state = jax.eval_shape(optimizer.init, params)
     S = recipe.image_size
     t0 = time.perf_counter()
-    compiled = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices, args.micro_batch,
-                         args.shard_optimizer).lower(
-        *step_shapes(mesh, params, state, opt_state, batch, S, cfg.text.max_len, args.shard_optimizer)).compile()
+    compiled = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices, args.micro_batch, args.shard_optimizer,
+                         args.ema_momentum if keeps_ema(args) else None, distill=args.momentum_distill > 0).lower(
+        *step_shapes(mesh, params, state, opt_state, batch, S, cfg.text.max_len, args.shard_optimizer,
+                     ema=keeps_ema(args))).compile()
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     if m is None:
@@ -569,6 +379,7 @@ class Run:
     params: dict = None
     state: dict = None
     opt_state: tuple = None
+    teacher: dict | None = None  # the moving average {"params", "state"} (--ema, --momentum-distill)
     progress: dict = dataclasses.field(default_factory=lambda: {"step": 0, "data": None, "skipped_steps": 0})
     resumed: bool = False
 
@@ -707,6 +518,12 @@ def restore(run, init=None):
         run.params, run.state = jax.device_put((params, state), run.replicated)
         run.opt_state = jax.device_put(opt_state, opt_shardings(opt_state, run.mesh, args.shard_optimizer))
         run.resumed = True
+        ema = os.path.join(checkpoints[-1], "ema")
+        if keeps_ema(args) and os.path.exists(os.path.join(ema, "align_config.json")):
+            run.teacher = dict(zip(("params", "state"), jax.device_put(align.load(ema)[:2], run.replicated)))
+        elif keeps_ema(args):  # a checkpoint written without the moving average: it starts here
+            print(f"{checkpoints[-1]} has no moving average of the weights (ema/): it starts from these weights")
+            run.teacher = start_teacher(run)
         return
     if init:
         run.params, run.state = jax.device_put(init[:2], run.replicated)
@@ -715,6 +532,17 @@ def restore(run, init=None):
             jax.random.key(args.seed), cfg)
     run.opt_state = jax.jit(run.optimizer.init, out_shardings=opt_shardings(
         jax.eval_shape(run.optimizer.init, run.params), run.mesh, args.shard_optimizer))(run.params)
+    if keeps_ema(args):
+        run.teacher = start_teacher(run)
+
+
+def keeps_ema(args):
+    return args.ema or args.momentum_distill > 0
+
+
+def start_teacher(run):
+    """The moving average's first value: a copy of the weights (ALBEF's momentum model starts as the model)."""
+    return jax.jit(lambda p, s: {"params": p, "state": s}, out_shardings=run.replicated)(run.params, run.state)
 
 
 def open_loader(run):
@@ -731,10 +559,12 @@ def open_loader(run):
 def compile_step(run):
     """`make_step` compiled for this run's shapes, before the first batch; every process waits for all."""
     r = run.recipe
-    step_fn = make_step(run.cfg, r, run.optimizer, run.mesh, run.args.bn_across_devices, run.args.micro_batch,
-                        run.args.shard_optimizer).lower(
+    args = run.args
+    step_fn = make_step(run.cfg, r, run.optimizer, run.mesh, args.bn_across_devices, args.micro_batch,
+                        args.shard_optimizer, args.ema_momentum if run.teacher else None,
+                        distill=args.momentum_distill > 0).lower(
         *step_shapes(run.mesh, run.params, run.state, run.opt_state, r.batch_size, r.image_size,
-                     run.cfg.text.max_len, run.args.shard_optimizer)).compile()
+                     run.cfg.text.max_len, args.shard_optimizer, ema=run.teacher is not None)).compile()
     if jax.process_count() > 1:
         wait_for_every_process("train.py: step compiled")
     return step_fn
@@ -747,7 +577,8 @@ def checkpoint(run, loader):
     opt_state = to_host(run.opt_state)  # whole, whether replicated or split over devices (and processes)
     if jax.process_index() == 0:
         save_checkpoint(run.args.out, run.progress["step"], run.params, run.state, opt_state, run.cfg,
-                        run.vocab, run.progress, run.args.keep, pause=run.args.pause_in_checkpoint == run.progress["step"])
+                        run.vocab, run.progress, run.args.keep, pause=run.args.pause_in_checkpoint == run.progress["step"],
+                        teacher=run.teacher)
 
 
 def _local(tree):
@@ -797,8 +628,8 @@ class Log:
                 and run.eval_data):
             return
         try:
-            r, n, m, _ = evaluate.heldout_retrieval(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
-                                                    run.eval_data, run.recipe.image_size, run.args.images)
+            r, n, m, _ = evaluate.heldout_retrieval(*eval_weights(run), run.cfg, run.tokenizer, run.eval_data,
+                                                    run.recipe.image_size, run.args.images)
         except (data.TooManyBadSamples, evaluate.UsageError) as e:
             self.bar.write(f"step {run.progress['step']}: no held-out retrieval, --eval-data failed: {e}")
             return
@@ -840,9 +671,10 @@ def step_loop(run, loader, step_fn):
             raise UsageError(data_failure_line(data_failure, args, step))
         if args.plant_nan_at == step:
             batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
-        run.params, run.state, run.opt_state, m = step_fn(
-            run.params, run.state, run.opt_state, to_global(batch["pixels"]), to_global(batch["ids"]),
-            to_global(batch["mask"]), jax.random.fold_in(rng, step))
+        out = step_fn(run.params, run.state, run.opt_state, to_global(batch["pixels"]), to_global(batch["ids"]),
+                      to_global(batch["mask"]), jax.random.fold_in(rng, step),
+                      *(() if run.teacher is None else (run.teacher, distill_weight(args, recipe, step))))
+        (run.params, run.state, run.opt_state, m), run.teacher = out[:4], out[4] if run.teacher is not None else None
         progress["step"] = step + 1
         if bool(m["finite"]):
             consecutive_bad = 0
@@ -871,6 +703,19 @@ def step_loop(run, loader, step_fn):
     return stop["signal"]
 
 
+def distill_weight(args, recipe, step):
+    """--momentum-distill's weight at `step`: ramped linearly from 0 over the warm-up (ALBEF ramps it over
+    the first epoch, alpha x min(1, i / len(data_loader)))."""
+    return np.float32(args.momentum_distill * min(1.0, step / recipe.warmup_steps) if recipe.warmup_steps
+                      else args.momentum_distill)
+
+
+def eval_weights(run):
+    """What held-out evaluation scores, process 0's copy: the moving average with --ema, else the weights."""
+    params, state = (run.teacher["params"], run.teacher["state"]) if run.args.ema else (run.params, run.state)
+    return _local(params), _local(state)
+
+
 def data_failure_line(e, args, step):
     """The one line a run that stopped on bad data ends with: what failed, where, and the flag to change."""
     if not isinstance(e, data.TooManyBadSamples):
@@ -892,8 +737,10 @@ def evaluate_at_end(run):
         print(f"no held-out evaluation: --data {run.args.data} is not synthetic and no --eval-data was given")
         return
     try:
-        result = evaluate.heldout_evaluation(_local(run.params), _local(run.state), run.cfg, run.tokenizer,
-                                             run.eval_data, run.recipe.image_size, run.args.images)
+        if run.args.ema:
+            print("held-out evaluation of the moving average of the weights (--ema)")
+        result = evaluate.heldout_evaluation(*eval_weights(run), run.cfg, run.tokenizer, run.eval_data,
+                                             run.recipe.image_size, run.args.images)
     except (data.TooManyBadSamples, evaluate.UsageError) as e:
         print(f"no held-out evaluation: --eval-data {run.eval_data} failed: {e}")
         return
