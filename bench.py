@@ -6,6 +6,7 @@
     python bench.py retrieval --n 1000 10000                    # blocked Recall@K, N images x 5N captions
     python bench.py towers --size L2 --batch 1                  # both towers' forward + backward alone
     python bench.py learn                                       # python train.py's run, ours and HF's, scored
+    python bench.py gpu                                         # on one H100/H200, 7 min: bench_gpu.py
 
 `step`: train.py's jitted data-parallel step (both towers, the global-batch loss, the gradient pmean, LAMB)
   on one `data` mesh over every device: compile time, the median of synchronised steps after warm-up,
@@ -184,6 +185,25 @@ def step_parts(cfg, recipe, optimizer, mesh):
             "update": (update, jax.jit(update, donate_argnums=(0, 1)))}
 
 
+def without_remat(cfg):
+    return dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, remat=False),
+                               text=dataclasses.replace(cfg.text, remat=False))
+
+
+def step_flops(cfg, recipe, optimizer, params, state, opt_state, pixels, ids, mask, rng):
+    """Per-device model FLOPs of a step on one device's batch: loss, gradient and update, without remat.
+    Arrays or jax.ShapeDtypeStruct alike (nothing is computed)."""
+    plain = without_remat(cfg)
+
+    def flops_step(params, state, opt_state, pixels, ids, mask, rng):
+        grads, (_, new_state) = jax.grad(align.train_loss, has_aux=True)(
+            params, state, pixels, ids, mask, plain, rng, label_smoothing=recipe.label_smoothing)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, opt_state
+
+    return model_flops(flops_step, params, state, opt_state, pixels, ids, mask, rng)
+
+
 def one_step(args, cfg, recipe, model, batch):
     """One row of `step`: a per-device batch. The step donates the model's buffers: `live` holds the latest."""
     mesh, optimizer, live = model["mesh"], model["optimizer"], model["live"]
@@ -198,21 +218,12 @@ def one_step(args, cfg, recipe, model, batch):
     compile_s = time.perf_counter() - t0 - trace_s
     print(f"  traced in {trace_s:.1f} s, compiled in {compile_s:.1f} s", flush=True)
 
-    # Per-device model FLOPs: the same loss, gradient and update on one device's batch, without remat.
-    plain = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, remat=False),
-                                text=dataclasses.replace(cfg.text, remat=False))
-
-    def flops_step(params, state, opt_state, pixels, ids, mask, rng):
-        grads, (_, new_state) = jax.grad(align.train_loss, has_aux=True)(
-            params, state, pixels, ids, mask, plain, rng, label_smoothing=recipe.label_smoothing)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_state, opt_state
-
+    plain = without_remat(cfg)
     take = lambda prefix: {k: v for k, v in live["params"].items() if k.startswith(prefix)}
     local, rng = (pixels[:batch], ids[:batch], mask[:batch]), jax.random.key(0)
     t0 = time.perf_counter()
     unrolled = step_parts(plain, recipe, optimizer, mesh)
-    flops = {"step": model_flops(flops_step, params, state, opt_state, *local, rng),
+    flops = {"step": step_flops(cfg, recipe, optimizer, params, state, opt_state, *local, rng),
              "image": model_flops(unrolled["image"][0], take("image"), state, local[0], rng),
              "text": model_flops(unrolled["text"][0], take("text"), *local[1:])}
     print(f"  counted FLOPs in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -333,22 +344,27 @@ def towers(args):
             **machine(), "rows": [row]}
 
 
+def hf_configs(cfg, image_size):
+    """Keyword arguments of HF's AlignVisionConfig and BertConfig (or AlignTextConfig) for our towers' shapes."""
+    i, t = cfg.image, cfg.text
+    vision = dict(width_coefficient=i.width, depth_coefficient=i.depth, depth_divisor=i.divisor, image_size=image_size,
+                  kernel_sizes=[s.kernel for s in i.stages], strides=[s.stride for s in i.stages],
+                  expand_ratios=[s.expand for s in i.stages], in_channels=[s.in_channels for s in i.stages],
+                  out_channels=[s.out_channels for s in i.stages], num_block_repeats=[s.repeats for s in i.stages],
+                  squeeze_expansion_ratio=i.se_ratio, batch_norm_eps=i.bn_eps, drop_connect_rate=i.drop_connect,
+                  hidden_act="swish", pooling_type="mean")
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                intermediate_size=t.ff_width, hidden_act="gelu", max_position_embeddings=t.max_len,
+                type_vocab_size=t.type_vocab_size, layer_norm_eps=t.ln_eps, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)  # ours has no dropout
+    return vision, text
+
+
 def hf_towers(cfg, image_size, transformers):
     """HF's AlignVisionModel (EfficientNet without the head conv, mean-pooled: ours) and BertModel, same shapes."""
-    i, t = cfg.image, cfg.text
-    vision = transformers.AlignVisionModel(transformers.AlignVisionConfig(
-        width_coefficient=i.width, depth_coefficient=i.depth, depth_divisor=i.divisor, image_size=image_size,
-        kernel_sizes=[s.kernel for s in i.stages], strides=[s.stride for s in i.stages],
-        expand_ratios=[s.expand for s in i.stages], in_channels=[s.in_channels for s in i.stages],
-        out_channels=[s.out_channels for s in i.stages], num_block_repeats=[s.repeats for s in i.stages],
-        squeeze_expansion_ratio=i.se_ratio, batch_norm_eps=i.bn_eps, drop_connect_rate=i.drop_connect,
-        hidden_act="swish", pooling_type="mean"))
-    text = transformers.BertModel(transformers.BertConfig(
-        vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=t.heads,
-        intermediate_size=t.ff_width, hidden_act="gelu", max_position_embeddings=t.max_len,
-        type_vocab_size=t.type_vocab_size, layer_norm_eps=t.ln_eps, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0), add_pooling_layer=False)  # ours has no dropout, no pooler
-    return vision, text
+    vision, text = hf_configs(cfg, image_size)
+    return (transformers.AlignVisionModel(transformers.AlignVisionConfig(**vision)),
+            transformers.BertModel(transformers.BertConfig(**text), add_pooling_layer=False))  # ours has no pooler
 
 
 def versus_torch(args):
@@ -667,6 +683,15 @@ def learn(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+# gpu: one prepared run for a lent H100/H200 (bench_gpu.py)
+
+
+def gpu(args):
+    import bench_gpu  # imported here: it imports this module for its timer, table and FLOP count
+    return bench_gpu.main(args)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -720,6 +745,26 @@ def parser():
 
     p = command("towers", towers, "compile and step time of both towers' forward + backward, nothing else")
     model_flags(p, 1, False, size="L2")
+
+    p = command("gpu", gpu, "one prepared run for a lent H100/H200 under a time budget (bench_gpu.py)")
+    p.add_argument("--out", default="bench_gpu.json", help="the JSON, rewritten after every section")
+    p.add_argument("--budget-s", type=float, default=420, help="every section, compile and kill included")
+    p.add_argument("--tiny", action="store_true", help="every section at a tiny size (automatic on CPU)")
+    p.add_argument("--sizes", nargs="+", default=["B7", "L2"], choices=list(align.SIZES), help="the step's and torch's")
+    p.add_argument("--embed-size", default="B7", choices=list(align.SIZES), help="bfloat16 vs float32 embeddings")
+    for flag, why in (("max-batch", "the search's cap (default 512; tiny 2)"), ("start-batch", "without a memory "
+                      "limit the search doubles from here (default 8; tiny 2)"), ("dw-batch", "depthwise (default 32)"),
+                      ("torch-batch", "when the step section found none (default 16)")):
+        p.add_argument("--" + flag, type=int, help=why)
+    p.add_argument("--memory-limit-gib", type=float, help="default: the device's (JAX's bytes_limit)")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: detected)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed rounds; the median is reported")
+    p.add_argument("--torch-compile-min-s", type=float, default=150, help="torch.compile only with this much left")
+    p.add_argument("--cache-dir", default="/tmp/bench_gpu_jax_cache", help="JAX's compilation cache (not with --tiny)")
+    for hidden in ("--section", "--partial", "--results"):  # the parent's orders to a section's process
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    p.add_argument("--section-budget-s", type=float, help=argparse.SUPPRESS)
 
     p = command("learn", learn, "python train.py's run, ours and HF's AlignModel in PyTorch from the same start: held-out scores")
     for flag, kind in (("steps", int), ("seed", int), ("batch-size", int), ("lr", float), ("warmup-steps", int),

@@ -1,12 +1,16 @@
 """bench.py's counting and wiring (nothing here times anything; BENCHMARKS.md holds the timings)."""
 
 import json
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import bench
+import bench_gpu
 
 
 def _scanned(w_RDD, x_BD):
@@ -65,6 +69,59 @@ def test_data_pipeline_runs_on_one_shard(capsys):
 
 
 def test_every_subcommand_parses_with_its_defaults():
-    for name in ("step", "versus-torch", "data", "retrieval", "towers"):
+    for name in ("step", "versus-torch", "data", "retrieval", "towers", "gpu"):
         args = bench.parser().parse_args([name])
         assert callable(args.fn) and args.json is None
+
+
+@pytest.mark.parametrize("tried, predicted, cap, expected", [
+    ({}, None, 512, 8),                                   # no memory model: start, then double
+    ({8: True}, None, 512, 16),
+    ({8: True, 16: True, 32: False}, None, 512, 24),      # then bisect
+    ({2: True}, None, 2, None),                           # the cap fits: done
+    ({1: False}, None, 512, None),                        # nothing fits
+    ({}, 150, 512, 144),                                  # the model's batch, a multiple of 8 from 16 up
+    ({}, 1000, 512, 512),                                 # capped
+    ({144: True}, 150, 512, None),                        # the model sees under 12.5% more room
+    ({144: True}, 300, 512, 296),
+    ({144: False}, 100, 512, 96),
+    ({144: False}, 200, 512, 72),                         # the model is wrong: bisect instead
+    ({128: True, 136: False}, 140, 512, None),            # within 12.5%
+    ({5: True, 7: False}, 9, 512, 6),
+])
+def test_next_batch_predicts_then_bisects(tried, predicted, cap, expected):
+    assert bench_gpu.next_batch(tried, predicted, cap, start=8) == expected
+
+
+def test_a_section_past_its_budget_is_killed_and_keeps_what_it_wrote(tmp_path):
+    partial = str(tmp_path / "section.json")
+    code = f"import json, time; json.dump({{'rows': [1]}}, open({partial!r}, 'w')); time.sleep(60)"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    rec = bench_gpu.finish_child(proc, partial, timeout_s=3, budget_s=3, t0=t0)
+    assert time.perf_counter() - t0 < 20 and proc.returncode is not None
+    assert rec["status"] == "timeout" and rec["rows"] == [1] and "budget" in rec["error"]
+
+
+def test_gpu_check_at_tiny_size_has_every_section_and_passes_cpu_against_cpu(tmp_path):
+    """`python bench.py gpu --tiny`, what a CPU-only machine runs anyway: every section has results or a recorded
+    skip, the correctness checks (here the CPU against itself, and bfloat16 against float32) pass, and the
+    depthwise convolution's forms agree."""
+    out = tmp_path / "gpu.json"
+    bench.main(["gpu", "--tiny", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["tiny"] and set(r["sections"]) == {*bench_gpu.SECTIONS, "flops"}
+    for name, s in r["sections"].items():
+        assert s["status"] in ("ok", "skipped"), (name, s.get("error"))
+        assert s["status"] == "ok" or s["skipped"]
+    checks = r["sections"]["correctness"]["checks"]
+    assert len(checks) == 5 and all(c["pass"] and c["rel_diff"] <= c["tolerance"] for c in checks)
+    rows = r["sections"]["step"]["rows"]
+    assert [(row["remat"], row["fits"]) for row in rows] == [(False, True), (True, True)]
+    assert all(row["images_per_s"] > 0 and row["gflops_per_device"] > 0 for row in rows)
+    depthwise = r["sections"]["depthwise"]
+    assert {t["impl"] for t in depthwise["totals"]} == set(bench_gpu.IMPLS)
+    # The same function to bfloat16's precision (autodiff's backward sums in bfloat16: 3e-2 at B7's shapes).
+    assert all(d < 5e-2 for s in depthwise["shapes"] for d in s["rel_diff_vs_conv"].values())
+    torch_section = r["sections"]["torch"]
+    assert torch_section["status"] == "skipped" or torch_section["rows"][0]["images_per_s"] > 0
