@@ -62,6 +62,12 @@ def test_finetune_on_a_karpathy_json_stops_and_resumes(tmp_path, capsys):
     # Without --init: one line, nothing trained.
     assert train.main(FINETUNE + ["--data", karpathy, "--images", images, "--out", str(tmp_path / "x")]) == 2
     assert "--finetune flickr30k needs --init" in capsys.readouterr().err
+    # A JSON without training captions: one line.
+    with open(tmp_path / "val_only.json", "w") as f:
+        json.dump({"images": [{"filename": "0000.png", "split": "val", "sentences": [{"raw": "a red circle"}]}]}, f)
+    assert train.main(argv[:-6] + ["--data", str(tmp_path / "val_only.json"), "--images", images,
+                                   "--out", str(tmp_path / "y")]) == 2
+    assert "has no caption in the splits ('train', 'restval')" in capsys.readouterr().err
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     assert train.main(argv + ["--out", straight]) == 0
     out = capsys.readouterr().out

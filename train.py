@@ -549,11 +549,14 @@ def open_loader(run):
     """This process's share of each global batch, from where the checkpoint left the data (data.py)."""
     args, p_id = run.args, jax.process_index()
     workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 1) - 1)
-    return data.make_loader(args.data, tokenizer=run.tokenizer, global_batch=run.recipe.batch_size,
-                            image_size=run.recipe.image_size, train=True, seed=args.seed, process_index=p_id,
-                            process_count=jax.process_count(), max_len=run.cfg.text.max_len, workers=workers,
-                            max_bad_fraction=args.max_bad_fraction, bad_window=args.bad_window, images=args.images,
-                            state=run.progress["data"][p_id] if run.progress["data"] else None)
+    try:
+        return data.make_loader(args.data, tokenizer=run.tokenizer, global_batch=run.recipe.batch_size,
+                                image_size=run.recipe.image_size, train=True, seed=args.seed, process_index=p_id,
+                                process_count=jax.process_count(), max_len=run.cfg.text.max_len, workers=workers,
+                                max_bad_fraction=args.max_bad_fraction, bad_window=args.bad_window, images=args.images,
+                                state=run.progress["data"][p_id] if run.progress["data"] else None)
+    except ValueError as e:  # data.py's one-line reasons: an unreadable source, a saved position that does not fit
+        raise UsageError(str(e))
 
 
 def compile_step(run):
