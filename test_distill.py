@@ -16,16 +16,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import align
 import synthetic
-
-
-def random_pairs(n, e=16, seed=0, noise=1.0):
-    """n unit-norm image/text pairs, positives correlated so the loss is well away from log N."""
-    rng = np.random.default_rng(seed)
-    img = rng.normal(size=(n, e))
-    txt = img + noise * rng.normal(size=(n, e))
-    img /= np.linalg.norm(img, axis=1, keepdims=True)
-    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-    return img.astype(np.float32), txt.astype(np.float32)
+from test_loss import random_pairs
 
 
 def student_and_teacher(n, seed):
