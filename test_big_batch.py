@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 import align
+from test_align import _relative_error
 import bert
 import efficientnet as en
 import step
@@ -31,13 +32,6 @@ def _batch(n, size=32, length=8):
     ids = jax.random.randint(jax.random.key(2), (n, length), 1, 50)
     mask = (jnp.arange(length)[None, :] < jax.random.randint(jax.random.key(3), (n, 1), 3, length + 1)).astype(jnp.int32)
     return pixels, ids, mask
-
-
-def _relative_error(tree_a, tree_b):
-    """|a - b| / |b| over all leaves as one vector (entries that are mathematically zero hold only rounding)."""
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree_a)]).astype(np.float64)
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree_b)]).astype(np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def _gradients(devices, micro_batch, cfg=CFG):

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import align
+from test_align import _relative_error
 import synthetic
 from test_loss import random_pairs
 
@@ -211,12 +212,6 @@ def _train(out, *flags):
     assert train.main(TINY + ["--out", str(out), *flags]) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return np.array([json.loads(line)["loss"] for line in f])
-
-
-def _relative_error(tree_a, tree_b):
-    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree_a)]).astype(np.float64)
-    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree_b)]).astype(np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def test_distilled_run_keeps_the_moving_average_resumes_exactly_and_starts_as_the_plain_loss(tmp_path):

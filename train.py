@@ -564,7 +564,7 @@ def compile_step(run):
     r = run.recipe
     args = run.args
     step_fn = make_step(run.cfg, r, run.optimizer, run.mesh, args.bn_across_devices, args.micro_batch,
-                        args.shard_optimizer, args.ema_momentum if run.teacher else None,
+                        args.shard_optimizer, args.ema_momentum if run.teacher is not None else None,
                         distill=args.momentum_distill > 0).lower(
         *step_shapes(run.mesh, run.params, run.state, run.opt_state, r.batch_size, r.image_size,
                      run.cfg.text.max_len, args.shard_optimizer, ema=run.teacher is not None)).compile()
