@@ -600,7 +600,7 @@ def learn(args):
           f"torch {torch.__version__} ({args.torch_threads} threads)", flush=True)
     S, L, t0 = recipe.image_size, cfg.text.max_len, time.perf_counter()
     loader = data.make_loader("synthetic", tokenizer=tokenizer, global_batch=recipe.batch_size, image_size=S, train=True,
-                              seed=targs.seed, max_len=L, workers=args.workers)
+                              seed=targs.seed, max_len=L, workers=args.workers, uint8=True)  # as train.py's
     batches = [next(loader) for _ in range(recipe.steps)]  # made once, outside both timings, fed to both
     loader.close()
     eval_batches = list(data.make_loader("synthetic", tokenizer=tokenizer, global_batch=64, image_size=S, train=False, max_len=L))
@@ -646,7 +646,8 @@ def learn(args):
     theirs, losses, temps, t0 = {"run": "PyTorch (HF AlignModel)"}, [], [], time.perf_counter()
     for b in batches:
         out = model(input_ids=torch.from_numpy(b["ids"]).long(), attention_mask=torch.from_numpy(b["mask"]),
-                    pixel_values=torch.from_numpy(b["pixels"].transpose(0, 3, 1, 2)), return_loss=True)  # NHWC -> NCHW
+                    pixel_values=torch.from_numpy(data.model_pixels(b["pixels"]).transpose(0, 3, 1, 2)),  # NHWC -> NCHW
+                    return_loss=True)
         loss = 2 * out.loss  # ours is L_i2t + L_t2i, HF's align_loss their mean: Adam's eps makes the scale matter
         opt.zero_grad()
         loss.backward()

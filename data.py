@@ -68,6 +68,17 @@ def resize_for(image_size: int) -> int:
     return round(image_size * RESIZE / CROP)
 
 
+def model_pixels(pixels_uint8):
+    """uint8 RGB -> float32 in [-1, 1], the range the public ALIGN checkpoints expect: x / 127.5 - 1.
+
+    For a numpy or a jax array alike, with the same bits on the host and on any device: 2x - 255 is an
+    integer, exact in float32, so the one multiplication is the only rounding (a device's fused
+    multiply-add, or its rewriting of a division as a multiplication, cannot change it). Within
+    7.5e-8 of the exact value. The training step normalises on the device (step.py), so that pixels
+    travel there as uint8, a quarter of float32's bytes."""
+    return (pixels_uint8.astype(np.float32) * np.float32(2) - np.float32(255)) * np.float32(1 / 255)
+
+
 # ---------------------------------------------------------------- image preprocessing (Sec. 5)
 
 CHUNK = 16  # samples per task sent to a worker: large enough to amortise the hand-off
@@ -459,7 +470,8 @@ class _Chunk(NamedTuple):
 
 
 class Loader:
-    """Iterator over batches {'pixels': float32 [B,H,W,3], 'ids': int32 [B,L], 'mask': int32 [B,L]}.
+    """Iterator over batches {'pixels': float32 [B,H,W,3], 'ids': int32 [B,L], 'mask': int32 [B,L]}
+    (with `uint8`: the pixels as read, uint8, for a step that normalises them itself, `model_pixels`).
 
     Evaluation batches also carry 'valid': bool [B] (False on padding rows) and 'keys': list[str].
     `state()` is a small JSON-serialisable dict; `make_loader(..., state=s)` continues exactly there.
@@ -477,9 +489,9 @@ class Loader:
     """
 
     def __init__(self, stream, cfg, *, batch, train, workers, num_batches, max_bad_fraction, bad_window,
-                 fingerprint, state):
+                 fingerprint, state, uint8=False):
         self._pool = None
-        self._stream, self._cfg, self._batch, self._train = stream, cfg, batch, train
+        self._stream, self._cfg, self._batch, self._train, self._uint8 = stream, cfg, batch, train, uint8
         self._workers, self._num_batches = workers, num_batches
         # The last bad_window samples, None or (shard, reason): stopping is for failure that persists.
         self._max_bad, self._window, self._window_failed = max_bad_fraction, collections.deque(maxlen=bad_window), 0
@@ -497,9 +509,11 @@ class Loader:
         return {'position': list(self._position), 'batches': self._batches, 'stats': dict(self.stats),
                 'examples': {k: list(v) for k, v in self.examples.items()}, 'config': self._fingerprint}
 
-    def counts(self) -> dict:
-        """Per-reason counts for a log row: {'skipped_not_image': 3, 'repaired_caption_not_utf8': 1, ...}."""
-        return {f'{"repaired" if r in REPAIRED else "skipped"}_{r}': n for r, n in sorted(self.stats.items())
+    def counts(self, stats: dict | None = None) -> dict:
+        """Per-reason counts for a log row: {'skipped_not_image': 3, 'repaired_caption_not_utf8': 1, ...};
+        of a `state()`'s stats if given (train.py logs a step while the next batch is already read)."""
+        stats = self.stats if stats is None else stats
+        return {f'{"repaired" if r in REPAIRED else "skipped"}_{r}': n for r, n in sorted(stats.items())
                 if r not in ('samples', 'bad')}
 
     def summary(self) -> str:
@@ -633,12 +647,12 @@ class Loader:
 
     def _collate(self, rows: list) -> dict:
         n, pad = len(rows), self._batch - len(rows)
-        pixels_BHWC = np.empty((self._batch, self._cfg.image_size, self._cfg.image_size, 3), np.float32)
+        pixels_BHWC = np.zeros((self._batch, self._cfg.image_size, self._cfg.image_size, 3), np.uint8)
         for row_HWC, (_, pixels_HWC, _, _) in zip(pixels_BHWC, rows):
             row_HWC[...] = pixels_HWC  # uint8 travels from the workers: a quarter of the bytes of float32
-        pixels_BHWC[:n] *= np.float32(1 / 127.5)
-        pixels_BHWC[:n] -= np.float32(1)  # [-1, 1], the range the public ALIGN checkpoints expect
-        pixels_BHWC[n:] = 0
+        if not self._uint8:
+            pixels_BHWC = model_pixels(pixels_BHWC)
+            pixels_BHWC[n:] = 0  # padding rows: mid-grey
         # Padding rows hold '[CLS] [SEP]' so that no attention row is fully masked.
         ids_BL = np.array([r[2] for r in rows] + [[self._cfg.tokenizer.cls_id, self._cfg.tokenizer.sep_id]
                           + [self._cfg.tokenizer.pad_id] * (self._cfg.max_len - 2)] * pad, np.int32)
@@ -670,13 +684,16 @@ def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int,
                 seed: int = 0, process_index: int = 0, process_count: int = 1, max_len: int = 64, workers: int = 0,
                 shuffle_buffer: int = 1000, interleave: int = 4, rows_per_shard: int = 1000,
                 num_batches: int | None = None, max_bad_fraction: float = 0.5, bad_window: int = 1000,
-                max_pixels: int = MAX_PIXELS, state: dict | None = None, images: str | None = None) -> Loader:
+                max_pixels: int = MAX_PIXELS, state: dict | None = None, images: str | None = None,
+                uint8: bool = False) -> Loader:
     """Batches of this process's share (global_batch / process_count rows) of `data`.
 
     train=True: an endless stream (random crop + flip, shuffled, deterministic in seed).
     train=False: one ordered pass, central crop, the last batch padded ('valid' marks real rows);
     for evaluation on several processes pass the same num_batches to all (padding batches follow).
     images: the image folder of a Karpathy JSON `data`.
+    uint8: pixels as read (uint8) instead of normalised to [-1, 1] (`model_pixels`), for train.py's step,
+    which normalises them on the device.
     """
     if global_batch % process_count:
         raise ValueError(f'data.py: global_batch {global_batch} is not divisible by {process_count} processes')
@@ -702,7 +719,8 @@ def make_loader(data: str, *, tokenizer: wordpiece.Tokenizer, global_batch: int,
                                process_count=process_count, interleave=interleave,
                                shuffle_buffer=shuffle_buffer, start=start)
     return Loader(stream, cfg, batch=batch, train=train, workers=workers, num_batches=num_batches,
-                  max_bad_fraction=max_bad_fraction, bad_window=bad_window, fingerprint=fingerprint, state=state)
+                  max_bad_fraction=max_bad_fraction, bad_window=bad_window, fingerprint=fingerprint, state=state,
+                  uint8=uint8)
 
 
 def read_samples(data: str, limit: int | None = None, images: bool = True) -> Iterator[Raw]:

@@ -187,14 +187,14 @@ def embed_image_files(model, paths, image_size, *, batch=64, workers=8, cache=No
                 return None, bad.args[0]
 
         def get_batch(b0, b1):
-            pixels_BSSC = np.zeros((b1 - b0, image_size, image_size, 3), np.float32)
+            pixels_BSSC = np.zeros((b1 - b0, image_size, image_size, 3), np.uint8)
             for j, (px, reason) in enumerate(decoders.map(one, range(b0, b1))):
                 if reason:
                     skipped.setdefault(reason, {"count": 0, "example": paths[b0 + j]})["count"] += 1
                 else:
                     ok[b0 + j] = True
-                    pixels_BSSC[j] = px  # uint8 -> float32, then [-1, 1] as data.py's loader and HF's ALIGN
-            return [pixels_BSSC / np.float32(127.5) - np.float32(1.0)]
+                    pixels_BSSC[j] = px
+            return [data.model_pixels(pixels_BSSC)]  # [-1, 1], as data.py's loader and HF's ALIGN
 
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as decoders:
             out = _sharded_batches(fn, model.weights, len(paths), get_batch, batch,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 import align
+import data
 
 P = jax.sharding.PartitionSpec
 
@@ -196,6 +197,7 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across, micro_batch=None, shard_o
               distill=False):
     """The jitted data-parallel training step over the mesh's `data` axis:
     step(params, state, opt_state, pixels, ids, mask, rng) -> (params, state, opt_state, metrics).
+    The pixels are uint8 as read (normalised here, `data.model_pixels`) or float32 in [-1, 1].
 
     The gradients come from `batch_gradients` (shard_map: the batch split over devices, parameters
     replicated); the optimizer's update follows outside the shard_map. With `shard_optimizer` the
@@ -216,6 +218,8 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across, micro_batch=None, shard_o
         mesh=mesh, in_specs=(P(), P(), P("data"), P("data"), P("data"), P(), P(), P()), out_specs=(P(), P(), P()))
 
     def step(params, state, opt_state, pixels, ids, mask, rng, teacher=None, alpha=0.0):
+        if pixels.dtype == jnp.uint8:  # as read (train.py): normalised here, so a quarter of the bytes travel
+            pixels = data.model_pixels(pixels)
         grads, new_state, logged = grads_fn(params, state, pixels, ids, mask, rng, teacher if distill else None,
                                             alpha)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in [logged["loss"], *jax.tree.leaves(grads)]]))
@@ -243,8 +247,9 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across, micro_batch=None, shard_o
 
 
 def step_shapes(mesh, params, state, opt_state, batch_size, image_size, max_len, shard_optimizer=False,
-                ema=False):
-    """The step's arguments as placed shapes, to compile it before any batch exists (`step.lower(...)`)."""
+                ema=False, pixels=jnp.uint8):
+    """The step's arguments as placed shapes, to compile it before any batch exists (`step.lower(...)`);
+    the pixels uint8 as data.py reads them (`data.make_loader(..., uint8=True)`), or float32 in [-1, 1]."""
     rep, split = jax.sharding.NamedSharding(mesh, P()), jax.sharding.NamedSharding(mesh, P("data"))
 
     def placed(tree, shardings):
@@ -253,7 +258,7 @@ def step_shapes(mesh, params, state, opt_state, batch_size, image_size, max_len,
     everywhere = lambda tree: jax.tree.map(lambda _: rep, tree)
     return (placed(params, everywhere(params)), placed(state, everywhere(state)),
             placed(opt_state, opt_shardings(opt_state, mesh, shard_optimizer)),
-            jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32, sharding=split),  # as data.py
+            jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), pixels, sharding=split),
             *[jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32, sharding=split)] * 2,  # token ids, mask
             jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep),
             *((placed({"params": params, "state": state}, everywhere({"params": params, "state": state})),

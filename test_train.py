@@ -122,13 +122,33 @@ def test_killed_while_checkpointing_then_resumed_equals_uninterrupted_run(tmp_pa
         np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def test_nonfinite_step_is_skipped_and_counted(tmp_path):
-    out = str(tmp_path)
-    assert train.main(TINY + ["--steps", "4", "--out", out, "--plant-nan-at", "2", "--skip-final-eval"]) == 0
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, capsys):
+    """A step whose loss and gradients are NaN (--plant-nan-at 2: NaN weights for that step) changes
+    nothing: the weights, BatchNorm state and optimizer state after it equal those before it, bit for
+    bit; it is counted in its log row and in train_state.json, and the run goes on. train.py reads a
+    step's finiteness a step late (the host does not wait for each step): the count still lands on the
+    right step and checkpoint, and --max-skipped-steps 1 stops the run with one line naming the step."""
+    out = str(tmp_path / "run")
+    assert train.main(TINY + ["--steps", "4", "--ckpt-every", "1", "--keep", "4", "--out", out, "--plant-nan-at",
+                              "2", "--skip-final-eval"]) == 0
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["finite"] for r in rows] == [1.0, 1.0, 0.0, 1.0]
-    assert rows[-1]["skipped_steps"] == 1
-    assert all(np.isfinite(r["loss"]) or r["finite"] == 0.0 for r in rows)
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["finite"])
+    before, after = (os.path.join(out, f"ckpt_00000000{k}") for k in (2, 3))
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = (weights.read_safetensors(os.path.join(c, name)) for c in (before, after))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}: {k}")
+    assert [json.load(open(os.path.join(c, "train_state.json")))["skipped_steps"] for c in (before, after)] == [0, 1]
+    assert json.load(open(os.path.join(out, "ckpt_000000004", "train_state.json")))["skipped_steps"] == 1
+
+    capsys.readouterr()
+    assert train.main(TINY + ["--steps", "4", "--out", str(tmp_path / "stops"), "--plant-nan-at", "1",
+                              "--max-skipped-steps", "1", "--skip-final-eval"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's last state
+    assert err.startswith("error: 1 consecutive steps had a non-finite loss or gradient (step 1)"), err
 
 
 def test_table8_flags_reach_the_step_and_real_data_skips_the_synthetic_evaluation(tmp_path, capsys):
@@ -235,8 +255,11 @@ def test_two_processes_train_as_one_and_survive_preemption(tmp_path):
     # scale; at the older, sqrt(D) smaller scale the same loss agreed to 1e-5). A fourth step's loss moves
     # by 3e-3 relative (measured), so the run stops at 3. The preempted and resumed run gave the same bits
     # as an uninterrupted two-process run (measured, 4 steps): what these tolerances allow is the split.
+    # Any change of program moves the third loss as much: one process normalising the pixels in the step
+    # (uint8 in) instead of on the host (float32 in), the same values in another program, changed it by
+    # 1.1e-4 relative (measured); the two processes' differed from one's by 2.2e-4 then (it was 2e-4).
     np.testing.assert_allclose(_losses(two)[:2], _losses(one)[:2], rtol=1e-5)
-    np.testing.assert_allclose(_losses(two), _losses(one), rtol=2e-4)
+    np.testing.assert_allclose(_losses(two), _losses(one), rtol=5e-4)
     last = f"ckpt_{steps:09d}"
     assert sorted(d for d in os.listdir(two) if "ckpt" in d) == [seen["ckpts"][0], last]
     # The parameters cannot be compared as tightly: Adam divides each gradient by its own magnitude, so a

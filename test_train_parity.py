@@ -214,7 +214,8 @@ def _torch():
 
 def _hf_inputs(torch, batch):
     return dict(input_ids=torch.tensor(batch["ids"], dtype=torch.long), attention_mask=torch.tensor(batch["mask"]),
-                pixel_values=torch.tensor(batch["pixels"].transpose(0, 3, 1, 2)), return_loss=True)  # NHWC -> NCHW
+                pixel_values=torch.tensor(data.model_pixels(batch["pixels"]).transpose(0, 3, 1, 2)),  # NHWC -> NCHW
+                return_loss=True)
 
 
 def _unseen_by_the_loss(torch, transformers, hf_dir, batch):
@@ -246,8 +247,9 @@ def start(tmp_path_factory):
     hf_config["text_config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # 0.1 by default
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf_config, f)
+    # uint8 pixels, as train.py's: our step normalises them on the device, HF gets data.model_pixels's.
     loader = data.make_loader("synthetic", tokenizer=TOKENIZER, global_batch=B, image_size=S, train=True,
-                              max_len=L, workers=0)
+                              max_len=L, workers=0, uint8=True)
     # Four batches seen five times each: the loss on a batch seen before must fall, a clear sign of
     # learning in 20 steps (on 20 fresh batches the curve is mostly noise).
     distinct = [next(loader) for _ in range(4)]

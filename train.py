@@ -19,7 +19,6 @@ Deviations from the paper's recipe: step.py's docstring.
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -382,6 +381,7 @@ class Run:
     teacher: dict | None = None  # the moving average {"params", "state"} (--ema, --momentum-distill)
     progress: dict = dataclasses.field(default_factory=lambda: {"step": 0, "data": None, "skipped_steps": 0})
     resumed: bool = False
+    data_state: dict = None  # this process's data loader state after the last step's batch (`checkpoint`)
 
     @property
     def replicated(self):
@@ -554,29 +554,41 @@ def open_loader(run):
                                 image_size=run.recipe.image_size, train=True, seed=args.seed, process_index=p_id,
                                 process_count=jax.process_count(), max_len=run.cfg.text.max_len, workers=workers,
                                 max_bad_fraction=args.max_bad_fraction, bad_window=args.bad_window, images=args.images,
-                                state=run.progress["data"][p_id] if run.progress["data"] else None)
+                                state=run.progress["data"][p_id] if run.progress["data"] else None,
+                                uint8=True)  # normalised on the devices (step.py): a quarter of float32's bytes
     except ValueError as e:  # data.py's one-line reasons: an unreadable source, a saved position that does not fit
         raise UsageError(str(e))
 
 
+_COMPILED = {}  # this process's compiled steps, by everything that shapes one (`compile_step`)
+
+
 def compile_step(run):
-    """`make_step` compiled for this run's shapes, before the first batch; every process waits for all."""
-    r = run.recipe
-    args = run.args
-    step_fn = make_step(run.cfg, r, run.optimizer, run.mesh, args.bn_across_devices, args.micro_batch,
-                        args.shard_optimizer, args.ema_momentum if run.teacher is not None else None,
-                        distill=args.momentum_distill > 0).lower(
-        *step_shapes(run.mesh, run.params, run.state, run.opt_state, r.batch_size, r.image_size,
-                     run.cfg.text.max_len, args.shard_optimizer, ema=run.teacher is not None)).compile()
+    """`make_step` compiled for this run's shapes, before the first batch; every process waits for all.
+
+    Kept for the life of the process: train.main called again with the same model, recipe, devices and
+    flags (a sweep in one process, a resumed run in the tests) skips the seconds of tracing and compiling.
+    The key is every input of the program; the loop's own settings (log, checkpoint and evaluation
+    intervals) are not."""
+    r, args, ema = run.recipe, run.args, run.teacher is not None
+    key = (run.cfg, dataclasses.replace(r, log_every=0, ckpt_every=0, eval_every=0), tuple(run.mesh.devices.flat),
+           args.bn_across_devices, args.micro_batch, args.shard_optimizer, args.ema_momentum if ema else None,
+           args.momentum_distill > 0)
+    if key not in _COMPILED:
+        _COMPILED[key] = make_step(run.cfg, r, run.optimizer, run.mesh, args.bn_across_devices, args.micro_batch,
+                                   args.shard_optimizer, args.ema_momentum if ema else None,
+                                   distill=args.momentum_distill > 0).lower(
+            *step_shapes(run.mesh, run.params, run.state, run.opt_state, r.batch_size, r.image_size,
+                         run.cfg.text.max_len, args.shard_optimizer, ema=ema)).compile()
     if jax.process_count() > 1:
         wait_for_every_process("train.py: step compiled")
-    return step_fn
+    return _COMPILED[key]
 
 
-def checkpoint(run, loader):
-    """OUT/ckpt_<step> (`save_checkpoint`). Every process calls it: the data positions are gathered
-    collectively, then process 0 writes."""
-    run.progress["data"] = gather_data_states(loader.state())
+def checkpoint(run):
+    """OUT/ckpt_<step> (`save_checkpoint`). Every process calls it: the data positions (after the last
+    step's batch, `run.data_state`) are gathered collectively, then process 0 writes."""
+    run.progress["data"] = gather_data_states(run.data_state)
     opt_state = to_host(run.opt_state)  # whole, whether replicated or split over devices (and processes)
     if jax.process_index() == 0:
         save_checkpoint(run.args.out, run.progress["step"], run.params, run.state, opt_state, run.cfg,
@@ -606,8 +618,9 @@ class Log:
         self.file = open(path, "a") if self.on else None
         self.t_last, self.images = time.perf_counter(), 0
 
-    def step(self, m):
-        step, recipe = self.run.progress["step"], self.run.recipe
+    def step(self, step, m, data_state):
+        """Step `step` (counted from 1) is done; its metrics `m` and the data loader's state after its batch."""
+        recipe = self.run.recipe
         self.bar.update(1)
         self.images += recipe.batch_size
         if step % recipe.log_every and step != recipe.steps:
@@ -615,7 +628,7 @@ class Log:
         now = time.perf_counter()
         row = {"step": step, **{k: float(v) for k, v in m.items()}, "lr": float(self.run.lr_schedule(step - 1)),
                "images_per_s": self.images / (now - self.t_last), "skipped_steps": self.run.progress["skipped_steps"],
-               "skipped_samples": self.loader.stats.get("bad", 0), **self.loader.counts()}
+               "skipped_samples": data_state["stats"].get("bad", 0), **self.loader.counts(data_state["stats"])}
         self.t_last, self.images = now, 0
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", T=f"{row['temperature']:.4f}", lr=f"{row['lr']:.2e}",
                              img_s=f"{row['images_per_s']:.0f}")
@@ -623,13 +636,15 @@ class Log:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
 
+    def evaluates(self, step):
+        """Whether held-out retrieval runs after `step` (every --eval-every steps, on process 0)."""
+        every = self.run.recipe.eval_every
+        return bool(every and step % every == 0 and self.on and self.run.eval_data)
+
     def heldout_retrieval(self):
-        """Every --eval-every steps: held-out R@1 both ways (evaluate.heldout_retrieval), on process 0; a row
+        """Held-out R@1 both ways of the current weights (evaluate.heldout_retrieval), on process 0; a row
         of R@1/5/10 in OUT/heldout.jsonl."""
         run = self.run
-        if not (run.recipe.eval_every and run.progress["step"] % run.recipe.eval_every == 0 and self.on
-                and run.eval_data):
-            return
         try:
             r, n, m, _ = evaluate.heldout_retrieval(*eval_weights(run), run.cfg, run.tokenizer, run.eval_data,
                                                     run.recipe.image_size, run.args.images)
@@ -652,55 +667,95 @@ def step_loop(run, loader, step_fn):
     often, a log row, held-out retrieval and a checkpoint. A SIGTERM (what a preemption sends) or
     --stop-after checkpoints and stops early: returns what stopped it, or None at the last step. Data that
     fails systematically (data.TooManyBadSamples, --max-bad-fraction) checkpoints the last step and raises
-    one line (exit 2); single bad samples are only counted, in the log rows and the closing summary."""
+    one line (exit 2); single bad samples are only counted, in the log rows and the closing summary.
+
+    The host does not wait for a step before preparing the next. A step's call returns at once, while
+    the devices run it; meanwhile the host reads the next batch and sends it to the devices (uint8
+    pixels, normalised there: step.py), and only then reads the previous step's metrics -- its
+    finiteness (the skip count and --max-skipped-steps) and its log row -- a step late, when the devices
+    have finished it. It waits for the step itself only where the weights after it are needed: a
+    checkpoint, held-out retrieval, a stop, the last step. (With several processes it also waits before
+    they agree on stopping, below.)
+    """
     args, recipe, progress = run.args, run.recipe, run.progress
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     log = Log(run, loader)
     rng = jax.jit(lambda: jax.random.key(args.seed + 1), out_shardings=run.replicated)()
-    to_global = functools.partial(jax.make_array_from_process_local_data, jax.sharding.NamedSharding(run.mesh, P("data")))
+    split = jax.sharding.NamedSharding(run.mesh, P("data"))
     consecutive_bad = 0
-    while progress["step"] < recipe.steps:
-        step, batch, data_failure = progress["step"], None, None
+
+    def read():
+        """The next batch, already on its way to the devices, and the loader's state after it; or why the data failed."""
         try:
             batch = next(loader)
         except data.TooManyBadSamples as e:
-            data_failure = e
-        if jax.process_count() > 1 and any_process(data_failure is not None) and not data_failure:
-            data_failure = "another process's data failed (its own line says why)"
-        if data_failure:  # systematic, not a few bad samples: keep the last step's work, then one line
-            checkpoint(run, loader)
-            log.close()
-            raise UsageError(data_failure_line(data_failure, args, step))
-        if args.plant_nan_at == step:
-            batch = dict(batch, pixels=np.full_like(batch["pixels"], np.nan))
-        out = step_fn(run.params, run.state, run.opt_state, to_global(batch["pixels"]), to_global(batch["ids"]),
-                      to_global(batch["mask"]), jax.random.fold_in(rng, step),
-                      *(() if run.teacher is None else (run.teacher, distill_weight(args, recipe, step))))
-        (run.params, run.state, run.opt_state, m), run.teacher = out[:4], out[4] if run.teacher is not None else None
-        progress["step"] = step + 1
+            return None, None, e
+        return [jax.make_array_from_process_local_data(split, batch[k]) for k in ("pixels", "ids", "mask")], \
+            loader.state(), None
+
+    def finish(step, m, data_state):
+        """Step `step` (from 1) is done: count it if it was skipped, and log it (this waits for it)."""
+        nonlocal consecutive_bad
         if bool(m["finite"]):
             consecutive_bad = 0
         else:  # the step kept the weights as they were (make_step)
             consecutive_bad += 1
             progress["skipped_steps"] += 1
         if consecutive_bad >= args.max_skipped_steps:
-            raise UsageError(f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step}); "
+            raise UsageError(f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (step {step - 1}); "
                              f"stopped, the last good checkpoint is in {args.out}; try a lower --lr")
-        log.step(m)
-        log.heldout_retrieval()
-        if args.stop_after == step + 1:
-            stop["signal"] = "--stop-after"
-        if jax.process_count() > 1 and any_process(stop["signal"] is not None) and not stop["signal"]:
-            # A preemption signal reaches each process at its own moment; all must stop after the same
-            # step, or the others would wait forever in the checkpoint's collective.
-            stop["signal"] = "a signal to another process"
-        if (step + 1) % recipe.ckpt_every == 0 or stop["signal"]:
-            checkpoint(run, loader)
-        if stop["signal"]:
-            log.bar.write(f"stopped by {stop['signal']}: checkpoint written at step {step + 1}; exiting")
-            break
-    log.close()
+        log.step(step, m, data_state)
+
+    run.data_state = loader.state()
+    ahead, unread = read(), None  # the next step's batch; the last step's metrics, not yet read
+    try:
+        while progress["step"] < recipe.steps:
+            step, (batch, data_state, data_failure) = progress["step"], ahead
+            if jax.process_count() > 1 and any_process(data_failure is not None) and not data_failure:
+                data_failure = "another process's data failed (its own line says why)"
+            if data_failure:  # systematic, not a few bad samples: keep the last step's work, then one line
+                if unread:
+                    finish(*unread)
+                checkpoint(run)
+                raise UsageError(data_failure_line(data_failure, args, step))
+            params = run.params
+            if args.plant_nan_at == step:  # tests: NaN weights for this step, so a NaN loss and NaN gradients
+                params = jax.tree.map(lambda x: x * np.nan, params)
+            out = step_fn(params, run.state, run.opt_state, *batch, jax.random.fold_in(rng, step),
+                          *(() if run.teacher is None else (run.teacher, distill_weight(args, recipe, step))))
+            (params, run.state, run.opt_state, m), run.teacher = out[:4], out[4] if run.teacher is not None else None
+            if args.plant_nan_at != step:  # (a skipped step returns its NaN weights: the run goes on from the real ones)
+                run.params = params
+            progress["step"], run.data_state = step + 1, data_state
+            ahead = read() if step + 1 < recipe.steps else None  # while the step runs
+            if unread:
+                finish(*unread)
+            unread = (step + 1, m, data_state)
+            if args.stop_after == step + 1:
+                stop["signal"] = "--stop-after"
+            if jax.process_count() > 1:
+                # On CPU the collectives of two programs in flight at once (this step's and any_process's)
+                # can pair up in a different order on each process (Gloo: "collective mismatch"): the
+                # step ends first. So with several processes only the reading of the next batch overlaps.
+                jax.block_until_ready(m)
+            if jax.process_count() > 1 and any_process(stop["signal"] is not None) and not stop["signal"]:
+                # A preemption signal reaches each process at its own moment; all must stop after the same
+                # step, or the others would wait forever in the checkpoint's collective.
+                stop["signal"] = "a signal to another process"
+            saves = (step + 1) % recipe.ckpt_every == 0 or stop["signal"]
+            if saves or log.evaluates(step + 1) or step + 1 == recipe.steps:  # the weights after this step are needed
+                finish(*unread)
+                unread = None
+                if log.evaluates(step + 1):
+                    log.heldout_retrieval()
+                if saves:
+                    checkpoint(run)
+            if stop["signal"]:
+                log.bar.write(f"stopped by {stop['signal']}: checkpoint written at step {step + 1}; exiting")
+                break
+    finally:
+        log.close()
     if log.on:
         print(loader.summary() + ("" if jax.process_count() == 1 else " (process 0's share)"))
     return stop["signal"]
@@ -758,7 +813,7 @@ def train(args):
     try:
         stopped = step_loop(run, loader, compile_step(run))
         if not stopped and run.progress["step"] % run.recipe.ckpt_every:
-            checkpoint(run, loader)  # the last step, when it was not a checkpoint step
+            checkpoint(run)  # the last step, when it was not a checkpoint step
     finally:
         loader.close()
     if not stopped:
