@@ -203,8 +203,8 @@ def test_noisy_share_follows_the_knob():
 
 # --- train.py: the moving average, the distilled step, resume ---
 
-TINY = ["--size", "tiny", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--log-every", "1",
-        "--skip-final-eval"]
+TINY = ["--size", "tiny", "--image-stages", "4", "--image-size", "32", "--batch-size", "16", "--workers", "0",
+        "--log-every", "1", "--skip-final-eval"]  # --image-stages: see test_train.TINY
 
 
 def _train(out, *flags):

@@ -36,6 +36,8 @@ def _karpathy(tmp_path, per_split=(("train", 24), ("restval", 8), ("val", 8))):
 def _pretrained(path, max_len=24):
     """A tiny model directory with the synthetic vocabulary, as a pre-training run would leave."""
     cfg = align.SIZES["tiny"]
+    image = dataclasses.replace(cfg.image, stages=cfg.image.stages[:4])  # test_train.TINY's model
+    cfg = dataclasses.replace(cfg, image=image, embed_dim=image.features)  # no projection, as tiny (and HF)
     vocab = synthetic.synthetic_vocab()
     with open(vocab) as f:
         n = sum(1 for _ in f)
