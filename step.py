@@ -93,6 +93,12 @@ def teacher_embeddings(teacher, pixels, ids, mask, cfg, rng):
     return jax.lax.stop_gradient((align.l2_normalise(img_BE), align.l2_normalise(txt_BE)))
 
 
+def model_pixels(pixels):
+    """The towers' float32 pixels in [-1, 1]: uint8 as data.py reads them (train.py sends them so, a quarter
+    of float32's bytes) are normalised here, on the device (`data.model_pixels`); float32 pass through."""
+    return data.model_pixels(pixels) if pixels.dtype == jnp.uint8 else pixels
+
+
 def batch_gradients(params, state, pixels, ids, mask, rng, teacher=None, alpha=0.0, *, cfg, recipe, bn_axis=None,
                     micro_batch=None):
     """One device's part of a step, inside shard_map over `data`: (gradients of the global-batch loss,
@@ -119,7 +125,7 @@ def batch_gradients(params, state, pixels, ids, mask, rng, teacher=None, alpha=0
                    negatives_fraction=recipe.negatives_fraction)
     k_micro = pixels.shape[0] // micro_batch if micro_batch else 1
     if k_micro == 1:
-        rng = jax.random.fold_in(rng, d)
+        rng, pixels = jax.random.fold_in(rng, d), model_pixels(pixels)
         if teacher is not None:
             loss_kw.update(teacher=teacher_embeddings(teacher, pixels, ids, mask, cfg, rng), distill_alpha=alpha)
         (loss, (logged, new_state)), grads = jax.value_and_grad(align.train_loss, has_aux=True)(
@@ -133,12 +139,14 @@ def batch_gradients(params, state, pixels, ids, mask, rng, teacher=None, alpha=0
     batches = (micro(pixels), micro(ids), micro(mask), jax.vmap(lambda k: jax.random.fold_in(rng, d * k_micro + k))(
         jnp.arange(k_micro)))
 
-    def towers(p, batch):
+    def towers(p, batch):  # (one micro-batch's pixels normalised at a time: uint8 until here)
         pixels, ids, mask, rng = batch
-        return align.train_features(p, state, pixels, ids, mask, cfg, rng)
+        return align.train_features(p, state, model_pixels(pixels), ids, mask, cfg, rng)
 
     def forward(batch):  # the student's features, and the teacher's embeddings when distilling
-        return towers(params, batch), None if teacher is None else teacher_embeddings(teacher, *batch[:3], cfg, batch[3])
+        pixels, ids, mask, rng = batch
+        return towers(params, batch), None if teacher is None else teacher_embeddings(
+            teacher, model_pixels(pixels), ids, mask, cfg, rng)
 
     # 1. Features of every micro-batch; a loop keeps one micro-batch's activations at a time.
     ((img_KME, txt_KME), states), teacher_KME = jax.lax.map(forward, batches)
@@ -218,8 +226,6 @@ def make_step(cfg, recipe, optimizer, mesh, bn_across, micro_batch=None, shard_o
         mesh=mesh, in_specs=(P(), P(), P("data"), P("data"), P("data"), P(), P(), P()), out_specs=(P(), P(), P()))
 
     def step(params, state, opt_state, pixels, ids, mask, rng, teacher=None, alpha=0.0):
-        if pixels.dtype == jnp.uint8:  # as read (train.py): normalised here, so a quarter of the bytes travel
-            pixels = data.model_pixels(pixels)
         grads, new_state, logged = grads_fn(params, state, pixels, ids, mask, rng, teacher if distill else None,
                                             alpha)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in [logged["loss"], *jax.tree.leaves(grads)]]))
