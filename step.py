@@ -144,9 +144,8 @@ def batch_gradients(params, state, pixels, ids, mask, rng, teacher=None, alpha=0
         return align.train_features(p, state, model_pixels(pixels), ids, mask, cfg, rng)
 
     def forward(batch):  # the student's features, and the teacher's embeddings when distilling
-        pixels, ids, mask, rng = batch
-        return towers(params, batch), None if teacher is None else teacher_embeddings(
-            teacher, model_pixels(pixels), ids, mask, cfg, rng)
+        batch = (model_pixels(batch[0]), *batch[1:])  # once for both models (`towers` passes float32 through)
+        return towers(params, batch), None if teacher is None else teacher_embeddings(teacher, *batch[:3], cfg, batch[3])
 
     # 1. Features of every micro-batch; a loop keeps one micro-batch's activations at a time.
     ((img_KME, txt_KME), states), teacher_KME = jax.lax.map(forward, batches)

@@ -341,10 +341,7 @@ def memory_report(args):
     opt_state = jax.eval_shape(optimizer.init, params)
     S = recipe.image_size
     t0 = time.perf_counter()
-    compiled = make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices, args.micro_batch, args.shard_optimizer,
-                         args.ema_momentum if keeps_ema(args) else None, distill=args.momentum_distill > 0).lower(
-        *step_shapes(mesh, params, state, opt_state, batch, S, cfg.text.max_len, args.shard_optimizer,
-                     ema=keeps_ema(args))).compile()
+    compiled = step_for(args, cfg, recipe, optimizer, mesh, params, state, opt_state, batch)
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     if m is None:
@@ -567,23 +564,30 @@ def open_loader(run):
 _COMPILED = {}  # this process's compiled steps, by everything that shapes one (`compile_step`)
 
 
+def step_for(args, cfg, recipe, optimizer, mesh, params, state, opt_state, batch_size):
+    """`make_step` as the command line asks for it, compiled for these arguments' shapes (they may be
+    abstract, `jax.eval_shape`'s): the run's step, and the program `--memory-report` reads."""
+    ema = keeps_ema(args)
+    return make_step(cfg, recipe, optimizer, mesh, args.bn_across_devices, args.micro_batch, args.shard_optimizer,
+                     args.ema_momentum if ema else None, distill=args.momentum_distill > 0).lower(
+        *step_shapes(mesh, params, state, opt_state, batch_size, recipe.image_size, cfg.text.max_len,
+                     args.shard_optimizer, ema=ema)).compile()
+
+
 def compile_step(run):
-    """`make_step` compiled for this run's shapes, before the first batch; every process waits for all.
+    """`step_for` this run, before the first batch; every process waits for all.
 
     Kept for the life of the process: train.main called again with the same model, recipe, devices and
     flags (a sweep in one process, a resumed run in the tests) skips the seconds of tracing and compiling.
     The key is every input of the program; the loop's own settings (log, checkpoint and evaluation
     intervals) are not."""
-    r, args, ema = run.recipe, run.args, run.teacher is not None
+    args, r = run.args, run.recipe
     key = (run.cfg, dataclasses.replace(r, log_every=0, ckpt_every=0, eval_every=0), tuple(run.mesh.devices.flat),
-           args.bn_across_devices, args.micro_batch, args.shard_optimizer, args.ema_momentum if ema else None,
-           args.momentum_distill > 0)
+           args.bn_across_devices, args.micro_batch, args.shard_optimizer,
+           args.ema_momentum if keeps_ema(args) else None, args.momentum_distill > 0)
     if key not in _COMPILED:
-        _COMPILED[key] = make_step(run.cfg, r, run.optimizer, run.mesh, args.bn_across_devices, args.micro_batch,
-                                   args.shard_optimizer, args.ema_momentum if ema else None,
-                                   distill=args.momentum_distill > 0).lower(
-            *step_shapes(run.mesh, run.params, run.state, run.opt_state, r.batch_size, r.image_size,
-                         run.cfg.text.max_len, args.shard_optimizer, ema=ema)).compile()
+        _COMPILED[key] = step_for(args, run.cfg, r, run.optimizer, run.mesh, run.params, run.state, run.opt_state,
+                                  r.batch_size)
     if jax.process_count() > 1:
         wait_for_every_process("train.py: step compiled")
     return _COMPILED[key]
@@ -743,15 +747,15 @@ def step_loop(run, loader, step_fn):
                 # can pair up in a different order on each process (Gloo: "collective mismatch"): the
                 # step ends first. So with several processes only the reading of the next batch overlaps.
                 jax.block_until_ready(m)
-            if jax.process_count() > 1 and any_process(stop["signal"] is not None) and not stop["signal"]:
-                # A preemption signal reaches each process at its own moment; all must stop after the same
-                # step, or the others would wait forever in the checkpoint's collective.
-                stop["signal"] = "a signal to another process"
-            saves = (step + 1) % recipe.ckpt_every == 0 or stop["signal"]
-            if saves or log.evaluates(step + 1) or step + 1 == recipe.steps:  # the weights after this step are needed
+                if any_process(stop["signal"] is not None) and not stop["signal"]:
+                    # A preemption signal reaches each process at its own moment; all must stop after the
+                    # same step, or the others would wait forever in the checkpoint's collective.
+                    stop["signal"] = "a signal to another process"
+            saves, evaluates = (step + 1) % recipe.ckpt_every == 0 or stop["signal"], log.evaluates(step + 1)
+            if saves or evaluates or step + 1 == recipe.steps:  # the weights after this step are needed
                 finish(*unread)
                 unread = None
-                if log.evaluates(step + 1):
+                if evaluates:
                     log.heldout_retrieval()
                 if saves:
                     checkpoint(run)
