@@ -65,6 +65,7 @@ import bert
 import data
 import efficientnet as en
 import evaluate
+import memory
 import metrics
 import synthetic
 import train
@@ -254,7 +255,7 @@ def one_step(args, cfg, recipe, model, batch):
            "step_ms": 1e3 * s, "images_per_s": batch * n_dev / s, "gflops_per_device": flops["step"] / 1e9,
            "tflops_per_s": flops["step"] / s / 1e12, "peak_tflops": peak,
            "mfu": flops["step"] / s / (peak * 1e12) if peak else None,
-           "xla_memory_gib": train.step_memory(mem)["total"] / 2**30 if mem else None,
+           "xla_memory_gib": memory.step_memory(mem)["total"] / 2**30 if mem else None,
            "step_ms_all": [1e3 * t for t in times["step"]]}
     device_stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in device_stats:

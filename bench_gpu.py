@@ -67,6 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import align
 import bench
 import efficientnet as en
+import memory
 import train
 
 SECTIONS = ("correctness", "step", "depthwise", "torch")
@@ -306,7 +307,7 @@ def attempt(search, batch, model, args, mesh):
             *live, *batch_arrays, jax.random.key(2)).compile()
         row["compile_s"] = time.perf_counter() - t0
         mem = compiled.memory_analysis()
-        total = train.step_memory(mem)["total"] if mem else None
+        total = memory.step_memory(mem)["total"] if mem else None
         row["xla_memory_gib"] = total and total / 2**30
         if search.per_sample is not None:
             row["predicted_memory_gib"] = (search.fixed + batch * search.per_sample) / 2**30

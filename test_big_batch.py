@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import align
+import memory
 from test_align import _relative_error
 import bert
 import efficientnet as en
@@ -120,7 +121,7 @@ def test_sharded_optimizer_equals_replicated_and_resumes_either_way(tmp_path, pl
     mesh = Mesh(np.array(jax.devices()), ("data",))
     split = [s for s in jax.tree.leaves(train.opt_shardings(opt_shape, mesh, True)) if s.spec != P()]
     assert len(split) > len(jax.tree.leaves(opt_shape)) // 2
-    assert train._nbytes(opt_shape, train.opt_shardings(opt_shape, mesh, True)) < train._nbytes(opt_shape) / 7
+    assert memory._nbytes(opt_shape, train.opt_shardings(opt_shape, mesh, True)) < memory._nbytes(opt_shape) / 7
 
 
 def test_micro_batch_errors_are_one_line(tmp_path, capsys):

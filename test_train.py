@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import align
+import memory
 import synthetic
 import train
 import weights
@@ -272,7 +273,7 @@ def test_memory_report_prints_a_row_and_does_not_train(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert train.main(TINY + ["--steps", "4", "--memory-report", "--vocab", synthetic.synthetic_vocab(), "--out", out]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1]
-    cells = dict(zip(train.MEMORY_COLUMNS, (c.strip() for c in row.strip("|").split("|"))))
+    cells = dict(zip(memory.MEMORY_COLUMNS, (c.strip() for c in row.strip("|").split("|"))))
     units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
     size = {k: float(cells[k].split()[0]) * units[cells[k].split()[1]] for k in
             ("parameters", "optimizer state", "BN state", "arguments", "outputs", "temporaries", "total")}
