@@ -23,3 +23,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "align_test_jax_cache"))
+
+# glibc keeps the memory each compiled program frees, instead of the kernel zeroing it anew for the next
+# run (host.py); before any test starts JAX's CPU client.
+import host  # noqa: E402
+
+host.keep_freed_memory()

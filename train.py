@@ -35,6 +35,7 @@ import bert
 import data
 import efficientnet as en
 import evaluate
+import host
 import synthetic
 import weights
 import wordpiece
@@ -757,6 +758,7 @@ def train(args):
 
 
 def main(argv=None):
+    host.keep_freed_memory()  # before JAX starts its CPU client (host.py)
     args = parse_args(argv)
     try:
         if args.memory_report:
