@@ -24,8 +24,6 @@ import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "align_test_jax_cache"))
 
-# glibc keeps the memory each compiled program frees, instead of the kernel zeroing it anew for the next
-# run (host.py); before any test starts JAX's CPU client.
-import host  # noqa: E402
-
-host.keep_freed_memory()
+# Not host.keep_freed_memory() (train.py's, bench.py's): with one malloc arena XLA compiles 30-50%
+# slower (host.py), and the tests are mostly compilation. test_host.py turns it on in its own processes.
+os.environ.setdefault("ALIGN_KEEP_FREED_MEMORY", "0")

@@ -56,7 +56,6 @@ import align
 import data
 import efficientnet as en
 import eval_sets
-import host
 import metrics
 import synthetic
 import wordpiece
@@ -714,7 +713,6 @@ def _parser():
 
 def main(argv=None):
     """Runs one subcommand and returns its result dict (also printed as a table and written to --json)."""
-    host.keep_freed_memory()  # before JAX starts its CPU client (host.py)
     args = _parser().parse_args(argv)
     try:
         result = args.run(args)

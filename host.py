@@ -3,7 +3,7 @@
 XLA:CPU allocates each run of a program its buffers afresh: the step's temporaries in one block of
 hundreds of MiB (GiB at B7), and every output. glibc serves a block that large with its own mmap and
 returns it to the kernel when it is freed, so the next step touches every page anew and the kernel
-zeroes each one on a page fault. One core, batch 2, forward + backward of B0 + BERT-Mini: 130,000
+zeroes each one on a page fault. One core, batch 2, forward + backward of the B0 image tower: 130,000
 faults and 0.28 s of kernel time a step out of 0.67 s; at B7 + BERT-Base 842,000 faults, 2.2 s of 6.7 s
 (BENCHMARKS.md). PyTorch's eager CPU tensors are smaller and mostly come back from glibc's free lists
 (27,000 faults a step at B0).
@@ -17,14 +17,18 @@ with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1:
   programs on threads of its own.
 The process then keeps its peak memory for its life, as PyTorch's and JAX's GPU allocators do with
 device memory. It must run before JAX starts its CPU client (the first array or device query): a
-thread keeps the arena it was given at its first allocation. train.py, evaluate.py, bench.py and the
-tests' conftest.py call it first thing. It does nothing on other C libraries (macOS, musl), where
-JAX may find a GPU or TPU (their buffers are device memory, with an allocator of their own), or with
-ALIGN_KEEP_FREED_MEMORY=0 in the environment.
+thread keeps the arena it was given at its first allocation. `bench.py` calls it first thing, and
+`train.py` for every model but `tiny`. It does nothing on other C libraries (macOS, musl), where JAX
+may find a GPU or TPU (their buffers are device memory, with an allocator of their own), or with
+ALIGN_KEEP_FREED_MEMORY=0 in the environment (the tests' conftest.py sets it).
 
-Cost: the heap holds the process's peak, plus fragments. B0 + BERT-Mini above: peak resident memory
-1.94 -> 2.03 GiB. A program that returns a new 256 MiB array per call, freed asynchronously, grew the
-heap to 3.5 GiB before glibc reused it (0.7 GiB by default).
+Costs (BENCHMARKS.md, "Page faults"):
+- Compilation: XLA compiles on several threads, which now share one arena's lock. The tiny towers
+  compiled in 9.5 s instead of 6.9 s (2 cores). That is why `tiny` (whose blocks glibc's free lists
+  already serve: the demo's step is no faster kept) and the tests, mostly compilation, go without.
+- Memory: the heap holds the peak, plus fragments. B0 + BERT-Mini above: peak resident memory 1.94 ->
+  2.03 GiB. A program that returns a new 256 MiB array per call, freed asynchronously, grew the heap to
+  3.5 GiB before glibc reused it (0.7 GiB by default).
 """
 import ctypes
 import importlib.metadata

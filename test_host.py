@@ -30,7 +30,7 @@ print(kept, sorted(faults)[10])
 
 def _median_faults_per_run(mode):
     out = subprocess.run([sys.executable, "-c", _RUNS, mode], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, "JAX_PLATFORMS": "cpu", "ALIGN_KEEP_FREED_MEMORY": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     kept, faults = out.stdout.split()
     return kept == "True", int(faults)

@@ -758,8 +758,9 @@ def train(args):
 
 
 def main(argv=None):
-    host.keep_freed_memory()  # before JAX starts its CPU client (host.py)
     args = parse_args(argv)
+    if (args.image_tower or args.size) != "tiny":  # tiny's blocks are small: it would only slow compiling
+        host.keep_freed_memory()  # before JAX starts its CPU client (host.py)
     try:
         if args.memory_report:
             import memory  # (it imports this file)
