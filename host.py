@@ -18,7 +18,7 @@ with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1:
 The process then keeps its peak memory for its life, as PyTorch's and JAX's GPU allocators do with
 device memory. It must run before JAX starts its CPU client (the first array or device query): a
 thread keeps the arena it was given at its first allocation. `bench.py` calls it first thing, and
-`train.py` for every model but `tiny`. It does nothing on other C libraries (macOS, musl), where JAX
+`train.py` for every model but `tiny` (not for `--memory-report`, which never runs). It does nothing on other C libraries (macOS, musl), where JAX
 may find a GPU or TPU (their buffers are device memory, with an allocator of their own), or with
 ALIGN_KEEP_FREED_MEMORY=0 in the environment (the tests' conftest.py sets it).
 
@@ -43,7 +43,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 def _may_have_accelerator():
     """True unless JAX is limited to the CPU or no GPU/TPU plugin is installed (what JAX looks for)."""
     import jax
-    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    platforms = jax.config.jax_platforms  # JAX_PLATFORMS, or set in code
     if platforms:
         return platforms.split(",")[0].strip() != "cpu"
     if importlib.metadata.entry_points(group="jax_plugins"):

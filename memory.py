@@ -20,7 +20,6 @@ import train
 import wordpiece
 
 
-
 def _nbytes(tree, shardings=None):
     """Bytes of one device's copy of `tree`: all of it, or its slices under `shardings`."""
     if shardings is None:

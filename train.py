@@ -759,8 +759,10 @@ def train(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if (args.image_tower or args.size) != "tiny":  # tiny's blocks are small: it would only slow compiling
-        host.keep_freed_memory()  # before JAX starts its CPU client (host.py)
+    # Before JAX starts its CPU client (host.py). Not where it would only slow compiling: tiny's blocks are
+    # small, and --memory-report compiles and never runs.
+    if (args.image_tower or args.size) != "tiny" and not args.memory_report:
+        host.keep_freed_memory()
     try:
         if args.memory_report:
             import memory  # (it imports this file)
