@@ -7,12 +7,9 @@
 The step (step.py) is data parallel over one `data` mesh axis spanning every device of every process:
 each device holds its slice of the global batch, the parameters are replicated, and the loss is ALIGN's
 global-batch contrastive loss (align.py), whose negatives are every pair on every device. This file holds
-the recipe and the run around the step: configuration, checkpoints, the memory report, the loop.
-
-Checkpoints (`OUT/ckpt_<step>/`): a model directory of `align.save` (weights, BatchNorm state, config,
-vocab) plus the optimizer state and `train_state.json` (step, data position, counters). A checkpoint is
-written under a temporary name and renamed into place, so a kill never leaves a half-written one; the
-last `--keep` are kept; the same command started again resumes from the newest.
+the recipe and the run around the step: configuration, restoring, the loop. Checkpoints
+(`OUT/ckpt_<step>/`, checkpoints.py) are whole or absent, whatever kills the run; the same command
+started again resumes from the newest. The memory report is memory.py.
 
 Deviations from the paper's recipe: step.py's docstring.
 """
@@ -21,7 +18,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -32,6 +28,7 @@ import optax
 
 import align
 import bert
+import checkpoints
 import data
 import efficientnet as en
 import evaluate
@@ -211,82 +208,6 @@ def resolve(args, init_cfg=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(out, step, params, state, opt_state, cfg, vocab, train_state, keep, pause=False, teacher=None):
-    """OUT/ckpt_<step>: written as OUT/.tmp_ckpt_<step> and renamed, so it is whole or absent. The moving
-    average of the weights (`teacher`), when kept, is the model directory OUT/ckpt_<step>/ema.
-
-    `pause` is for tests: stop half-way through the write, to be killed there.
-    """
-    final = os.path.join(out, f"ckpt_{step:09d}")
-    tmp = os.path.join(out, f".tmp_ckpt_{step:09d}")
-    for stale in (d for d in os.listdir(out) if d.startswith(".tmp_ckpt_")):  # left by a killed run
-        shutil.rmtree(os.path.join(out, stale), ignore_errors=True)
-    align.save(tmp, jax.device_get(params), jax.device_get(state), cfg, vocab_path=vocab)
-    weights.write_safetensors(os.path.join(tmp, "optimizer.safetensors"), weights.tree_to_flat(jax.device_get(opt_state)))
-    if teacher is not None:
-        align.save(os.path.join(tmp, "ema"), *jax.device_get((teacher["params"], teacher["state"])), cfg, vocab_path=vocab)
-    if pause:
-        time.sleep(3600)
-    with open(os.path.join(tmp, "train_state.json"), "w") as f:
-        json.dump(train_state, f)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in align.checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def gather_data_states(state, size=1 << 16):
-    """Every process's loader position, as a list indexed by process (each reads its own shards)."""
-    if jax.process_count() == 1:
-        return [state]
-    from jax.experimental import multihost_utils
-    blob = json.dumps(state).encode()
-    if len(blob) > size:
-        raise RuntimeError(f"data loader state is {len(blob)} bytes, more than {size}")
-    rows = multihost_utils.process_allgather(np.frombuffer(blob.ljust(size), np.uint8))
-    return [json.loads(bytes(row).rstrip()) for row in np.asarray(rows)]
-
-
-def to_host(tree):
-    """Numpy copies of global arrays, whole on every process; a collective where a leaf is split across
-    processes (`--shard-optimizer` on several hosts), which every process must then call."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if x.is_fully_replicated
-                        else np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
-
-
-def any_process(flag: bool) -> bool:
-    """True on every process if `flag` is true on any (a collective: every process must call it)."""
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def load_checkpoint(path, cfg, optimizer):
-    """(params, state, optimizer state, train_state.json) of a checkpoint, refused unless it holds `cfg`'s
-    model (any model when cfg is None)."""
-    params, state, saved_cfg = align.load(path)
-    if cfg is not None and saved_cfg != cfg:
-        raise UsageError(f"{path} holds a {saved_cfg.name} model ({saved_cfg.image.name} + BERT-{saved_cfg.text.name}, "
-                         f"{saved_cfg.embed_dim}-d), not the one asked for; use a new --out or the same --size")
-    opt_template = jax.eval_shape(optimizer.init, params)
-    try:
-        opt_state = weights.flat_to_tree(weights.read_safetensors(os.path.join(path, "optimizer.safetensors")),
-                                         opt_template)
-    except (KeyError, ValueError) as e:
-        raise UsageError(f"{path}: its optimizer state does not fit this optimizer ({str(e).splitlines()[0][:120]}); "
-                         f"it was written with another --optimizer or an older train.py: use a new --out, "
-                         f"with --init {path} to start from its weights")
-    with open(os.path.join(path, "train_state.json")) as f:
-        return params, state, opt_state, json.load(f)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The run: set up, restore, the step loop, checkpoints, the final evaluation
 
 
@@ -438,20 +359,19 @@ def restore(run, init=None):
     model (`init_model`: fine-tuning, Sec. 5.1), else a fresh initialisation; parameters and BatchNorm
     state replicated, the optimizer state as --shard-optimizer says."""
     args, cfg = run.args, run.cfg
-    checkpoints = align.checkpoints(args.out)
-    if checkpoints:
+    ckpts = align.checkpoints(args.out)
+    if ckpts:
         # A run from --init took its model from there (its cfg came from this checkpoint, `init_model`).
-        params, state, opt_state, run.progress = load_checkpoint(checkpoints[-1], None if args.init else cfg,
-                                                                 run.optimizer)
+        params, state, opt_state, run.progress = checkpoints.load(ckpts[-1], None if args.init else cfg, run.optimizer)
         # Whole arrays in the checkpoint, whichever way the run that wrote it held its optimizer state.
         run.params, run.state = jax.device_put((params, state), run.replicated)
         run.opt_state = jax.device_put(opt_state, opt_shardings(opt_state, run.mesh, args.shard_optimizer))
         run.resumed = True
-        ema = os.path.join(checkpoints[-1], "ema")
+        ema = os.path.join(ckpts[-1], "ema")
         if keeps_ema(args) and os.path.exists(os.path.join(ema, "align_config.json")):
             run.teacher = dict(zip(("params", "state"), jax.device_put(align.load(ema)[:2], run.replicated)))
         elif keeps_ema(args):  # a checkpoint written without the moving average: it starts here
-            print(f"{checkpoints[-1]} has no moving average of the weights (ema/): it starts from these weights")
+            print(f"{ckpts[-1]} has no moving average of the weights (ema/): it starts from these weights")
             run.teacher = start_teacher(run)
         return
     if init:
@@ -522,12 +442,12 @@ def compile_step(run):
 
 
 def checkpoint(run):
-    """OUT/ckpt_<step> (`save_checkpoint`). Every process calls it: the data positions (after the last
+    """OUT/ckpt_<step> (`checkpoints.save`). Every process calls it: the data positions (after the last
     step's batch, `run.data_state`) are gathered collectively, then process 0 writes."""
-    run.progress["data"] = gather_data_states(run.data_state)
-    opt_state = to_host(run.opt_state)  # whole, whether replicated or split over devices (and processes)
+    run.progress["data"] = checkpoints.gather_data_states(run.data_state)
+    opt_state = checkpoints.to_host(run.opt_state)  # whole, whether replicated or split over devices (and processes)
     if jax.process_index() == 0:
-        save_checkpoint(run.args.out, run.progress["step"], run.params, run.state, opt_state, run.cfg,
+        checkpoints.save(run.args.out, run.progress["step"], run.params, run.state, opt_state, run.cfg,
                         run.vocab, run.progress, run.args.keep, pause=run.args.pause_in_checkpoint == run.progress["step"],
                         teacher=run.teacher)
 
@@ -648,7 +568,7 @@ def step_loop(run, loader, step_fn):
     try:
         while progress["step"] < recipe.steps:
             step, (batch, data_state, data_failure) = progress["step"], ahead
-            if jax.process_count() > 1 and any_process(data_failure is not None) and not data_failure:
+            if jax.process_count() > 1 and checkpoints.any_process(data_failure is not None) and not data_failure:
                 data_failure = "another process's data failed (its own line says why)"
             if data_failure:  # systematic, not a few bad samples: keep the last step's work, then one line
                 if unread:
@@ -675,7 +595,7 @@ def step_loop(run, loader, step_fn):
                 # can pair up in a different order on each process (Gloo: "collective mismatch"): the
                 # step ends first. So with several processes only the reading of the next batch overlaps.
                 jax.block_until_ready(m)
-                if any_process(stop["signal"] is not None) and not stop["signal"]:
+                if checkpoints.any_process(stop["signal"] is not None) and not stop["signal"]:
                     # A preemption signal reaches each process at its own moment; all must stop after the
                     # same step, or the others would wait forever in the checkpoint's collective.
                     stop["signal"] = "a signal to another process"
@@ -768,7 +688,7 @@ def main(argv=None):
             import memory  # (it imports this file)
             return memory.memory_report(args)
         return train(args)
-    except (UsageError, FileNotFoundError) as e:
+    except (UsageError, checkpoints.Mismatch, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # out of memory gets a hint, everything else its traceback
