@@ -240,56 +240,64 @@ def init(key, cfg: Config):
 # Layers
 
 
-def _batch_norm(x_BHWC, p, s, cfg: Config, train, axis_name):
-    """BatchNorm with explicit statistics; returns (y, new statistics).
+def _batch_norm(x_BHWC, p, s, cfg: Config, train, axis_name, act=None):
+    """BatchNorm with explicit statistics, then `act` if given; returns (y, new statistics).
 
     Statistics are computed in float32 whatever the compute dtype: a bfloat16 variance of activations
     with large means loses most of its digits. With `axis_name`, batch statistics are averaged over that
     mesh axis (inside shard_map), so every device normalises with the statistics of the global batch;
     without it each device uses its own slice, as on ALIGN's TPUs (16 images per core, Sec. 5).
+    The activation is applied in float32, before the cast back to the compute dtype.
     """
     x = x_BHWC.astype(jnp.float32)
     if train:
-        y, mean_C, var_C = _normalise_batch(x, p["scale"], p["bias"], cfg.bn_eps, axis_name)
+        y, mean_C, var_C = _normalise_batch(x, p["scale"], p["bias"], cfg.bn_eps, axis_name, act)
         m = cfg.bn_momentum
         # Biased batch variance in the running average, as the TF TPU reference (TpuBatchNormalization).
         s = {"mean": m * s["mean"] + (1 - m) * mean_C, "var": m * s["var"] + (1 - m) * var_C}
     else:
         y = (x - s["mean"]) * jax.lax.rsqrt(s["var"] + cfg.bn_eps) * p["scale"] + p["bias"]
+        y = y if act is None else act(y)
     return y.astype(x_BHWC.dtype), s
 
 
-def _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name):
-    """(x - batch mean) / batch std * scale + bias, and the batch's (mean, biased variance)."""
+def _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name, act):
+    """act((x - batch mean) / batch std * scale + bias), and the batch's (mean, biased variance)."""
     mean_C = jnp.mean(x_BHWC, axis=(0, 1, 2))
     if axis_name is not None:
         mean_C = jax.lax.pmean(mean_C, axis_name)
     var_C = jnp.mean(jnp.square(x_BHWC - mean_C), axis=(0, 1, 2))
     if axis_name is not None:
         var_C = jax.lax.pmean(var_C, axis_name)
-    return (x_BHWC - mean_C) * jax.lax.rsqrt(var_C + eps) * scale_C + bias_C, mean_C, var_C
+    y = (x_BHWC - mean_C) * jax.lax.rsqrt(var_C + eps) * scale_C + bias_C
+    return (y if act is None else act(y)), mean_C, var_C
 
 
 # The forward pass as written; the backward pass by hand (below). The statistics it also returns are
 # for the running averages and get no gradient.
-_normalise_batch = jax.custom_vjp(_normalise_batch_plain, nondiff_argnums=(3, 4))
+_normalise_batch = jax.custom_vjp(_normalise_batch_plain, nondiff_argnums=(3, 4, 5))
 
 
-def _normalise_batch_fwd(x_BHWC, scale_C, bias_C, eps, axis_name):
-    y, mean_C, var_C = _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name)
-    return (y, mean_C, var_C), (x_BHWC, scale_C, mean_C, jax.lax.rsqrt(var_C + eps))
+def _normalise_batch_fwd(x_BHWC, scale_C, bias_C, eps, axis_name, act):
+    y, mean_C, var_C = _normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name, act)
+    return (y, mean_C, var_C), (x_BHWC, scale_C, bias_C, mean_C, jax.lax.rsqrt(var_C + eps))
 
 
-def _normalise_batch_bwd(eps, axis_name, saved, cotangents):
+def _normalise_batch_bwd(eps, axis_name, act, saved, cotangents):
     """The textbook BatchNorm gradient (Ioffe & Szegedy 2015, Sec. 3), from x alone.
 
     dx = scale / std * (g - mean(g) - x_hat * mean(g * x_hat)), with the means over the batch (and
     over `axis_name`). Autodiff instead saves x - mean as a residual and makes more passes over
     the activations: this form is one reduction and one elementwise pass (BENCHMARKS.md).
+    The activation's gradient is taken here too, from its input recomputed from x: autodiff would
+    save that input and the activation's own intermediates (swish: three more full-size arrays per
+    BatchNorm). B7 + BERT-Base's planned step at 16 pairs without remat: 26.3 -> 17.1 GiB (BENCHMARKS.md).
     """
-    x_BHWC, scale_C, mean_C, rstd_C = saved
+    x_BHWC, scale_C, bias_C, mean_C, rstd_C = saved
     g_BHWC = cotangents[0]
     x_hat = (x_BHWC - mean_C) * rstd_C
+    if act is not None:
+        g_BHWC = jax.vjp(act, x_hat * scale_C + bias_C)[1](g_BHWC)[0]
     dbias_C = jnp.sum(g_BHWC, axis=(0, 1, 2))
     dscale_C = jnp.sum(g_BHWC * x_hat, axis=(0, 1, 2))
     n = x_BHWC.shape[0] * x_BHWC.shape[1] * x_BHWC.shape[2]
@@ -297,7 +305,7 @@ def _normalise_batch_bwd(eps, axis_name, saved, cotangents):
     if axis_name is not None:
         mean_g_C, mean_gx_C = jax.lax.pmean((mean_g_C, mean_gx_C), axis_name)
     dx = scale_C * rstd_C * (g_BHWC - mean_g_C - x_hat * mean_gx_C)
-    return dx, _summed_over_copies(dscale_C, scale_C), _summed_over_copies(dbias_C, scale_C)
+    return dx, _summed_over_copies(dscale_C, scale_C), _summed_over_copies(dbias_C, bias_C)
 
 
 def _varying_axes(x):
@@ -397,21 +405,60 @@ def _shifted_sum_bwd(stride, saved, g_BHWC):
     Written out, XLA:CPU materialises all K*K taps at once (2x73x73x144, 3x3: 36 -> 7 ms).
     """
     xp_BHWC, w_KKC = saved
+    # g is read once per tap. Left unmaterialised, XLA fuses its producer (BatchNorm's backward pass)
+    # into each reader and computes it K*K times.
+    g_BHWC = jax.lax.optimization_barrier(g_BHWC)
     K, (_, H_in, W_in, _), (_, H_out, W_out, _) = w_KKC.shape[0], xp_BHWC.shape, g_BHWC.shape
     spread = [(0, 0, 0), (K - 1, H_in - stride * (H_out - 1) - 1, stride - 1),
               (K - 1, W_in - stride * (W_out - 1) - 1, stride - 1), (0, 0, 0)]
     dx = _taps_sum(jax.lax.pad(g_BHWC, jnp.zeros((), g_BHWC.dtype), spread), w_KKC[::-1, ::-1], 1)
 
-    def tap_gradient(ij):
-        tap = _tap(xp_BHWC, ij[0], ij[1], stride, H_out, W_out)
-        return jnp.sum(tap.astype(jnp.float32) * g_BHWC.astype(jnp.float32), axis=(0, 1, 2))
-
-    taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
-    dw = jax.lax.map(tap_gradient, taps).reshape(w_KKC.shape).astype(w_KKC.dtype)
+    dw = _tap_gradients(xp_BHWC, g_BHWC, K, stride).reshape(w_KKC.shape).astype(w_KKC.dtype)
     return dx, _summed_over_copies(dw, w_KKC)
 
 
 _shifted_sum.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
+
+
+# Bytes of one block of the weight gradient's output gradient (`_tap_gradients`): about half of a CPU
+# core's L2 cache, so that the block and the input rows under it stay in cache while K*K taps read them.
+_BLOCK_BYTES = 512 * 1024
+
+
+def _tap_gradients(xp_BHWC, g_BHWC, K, stride):
+    """[K*K, C]: for each tap (i, j), the sum over batch and space of tap(i, j) * g, in float32.
+
+    The taps one by one (`lax.map`; written out, XLA:CPU materialises all K*K at once), each over the
+    whole batch; but where g is over 3 blocks (`_BLOCK_BYTES`), over one block of output rows of one
+    sample at a time. Tap by tap over the whole batch, xp and g are read K*K times from memory, not
+    cache (B7 at 2x289: 10-25 MB a layer). A sample's last block starts early enough to fit, and the
+    rows it shares with the block before are masked out (BENCHMARKS.md, "Depthwise weight gradient in blocks").
+    """
+    B, H_out, W_out, C = g_BHWC.shape
+    taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
+
+    def tap_sums(x, g, rows):
+        tap_sum = lambda ij: jnp.sum(_tap(x, ij[0], ij[1], stride, rows, W_out).astype(jnp.float32) * g, axis=(0, 1, 2))
+        return jax.lax.map(tap_sum, taps)
+
+    if g_BHWC.size * g_BHWC.dtype.itemsize <= 3 * _BLOCK_BYTES:  # in cache already: blocks would only add steps
+        return tap_sums(xp_BHWC, g_BHWC.astype(jnp.float32), H_out)
+    rows = max(1, min(H_out, _BLOCK_BYTES // (W_out * C * g_BHWC.dtype.itemsize)))
+    per_sample, rows_in = -(-H_out // rows), stride * (rows - 1) + K
+
+    def block(n, dw_TC):
+        b, r = n // per_sample, n % per_sample
+        start = jnp.minimum(r * rows, H_out - rows)
+        new_rows = (start + jnp.arange(rows) >= r * rows)[:, None, None]
+        g = jax.lax.dynamic_slice(g_BHWC, (b, start, 0, 0), (1, rows, W_out, C)).astype(jnp.float32) * new_rows
+        x = jax.lax.dynamic_slice(xp_BHWC, (b, start * stride, 0, 0), (1, rows_in, xp_BHWC.shape[2], C))
+        return dw_TC + tap_sums(x, g, rows)
+
+    zeros = jnp.zeros((K * K, C), jnp.float32)
+    varying = tuple(sorted(_varying_axes(g_BHWC)))  # inside shard_map the sums differ from device to device
+    if varying:
+        zeros = jax.lax.pcast(zeros, varying, to="varying")
+    return jax.lax.fori_loop(0, B * per_sample, block, zeros)
 
 
 def _padding(kernel, stride, cfg: Config, square=False):
@@ -435,16 +482,14 @@ def _drop_path(x_BHWC, rate, key):
 
 def _mbconv(p, s, x_BHWC, b: Block, cfg: Config, train, axis_name, drop_rate, key):
     """Mobile inverted bottleneck with squeeze-excitation (Sandler et al. 2018; Tan & Le 2019)."""
-    bn = lambda h, name: _batch_norm(h, p[name], s[name], cfg, train, axis_name)
     act = weights.HF_ACTIVATIONS[cfg.activation]
+    bn = lambda h, name, act=None: _batch_norm(h, p[name], s[name], cfg, train, axis_name, act)
     new_s = {}
     h = x_BHWC
     if b.expand != 1:  # at ratio 1 the block has no expansion conv (TF reference)
-        h, new_s["expand_bn"] = bn(_pointwise(h, p["expand_conv"]), "expand_bn")
-        h = act(h)
+        h, new_s["expand_bn"] = bn(_pointwise(h, p["expand_conv"]), "expand_bn", act)
     h = _depthwise(h, p["depthwise_conv"], b.stride, _padding(b.kernel, b.stride, cfg, b.square_pad), cfg.depthwise)
-    h, new_s["depthwise_bn"] = bn(h, "depthwise_bn")
-    h = act(h)
+    h, new_s["depthwise_bn"] = bn(h, "depthwise_bn", act)
     # Squeeze-excitation: a per-channel gate from the spatial mean; the mean in float32 (a sum of H*W).
     g_BD = jnp.mean(h.astype(jnp.float32), axis=(1, 2)).astype(h.dtype)
     g_BS = act(g_BD @ p["se_reduce"]["kernel"].astype(h.dtype) + p["se_reduce"]["bias"].astype(h.dtype))
@@ -480,8 +525,8 @@ def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_
     x = images_BHWC.astype(dtype)
     stem_pad = "SAME" if cfg.padding == "same" else ((0, 1), (0, 1))  # HF's stem: ZeroPad2d((0, 1, 0, 1))
     x = _conv(x, params["stem"]["conv"], 2, stem_pad)
-    x, stem_bn = _batch_norm(x, params["stem"]["bn"], state["stem"]["bn"], cfg, train, bn_axis_name)
-    x = weights.HF_ACTIVATIONS[cfg.activation](x)
+    x, stem_bn = _batch_norm(x, params["stem"]["bn"], state["stem"]["bn"], cfg, train, bn_axis_name,
+                             weights.HF_ACTIVATIONS[cfg.activation])
     new_state = {"stem": {"bn": stem_bn}, "stages": []}
 
     for p, s, blocks in zip(params["stages"], state["stages"], cfg.blocks()):

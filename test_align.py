@@ -178,16 +178,18 @@ def test_batchnorm_per_device_statistics_equal_each_shard_alone():
     assert not np.allclose(stem_means[0], stem_means[1])
 
 
-def test_batchnorm_backward_by_hand_equals_autodiff_on_one_device_and_sharded():
+@pytest.mark.parametrize("act", [None, jax.nn.silu, weights.HF_ACTIVATIONS["gelu"]])
+def test_batchnorm_backward_by_hand_equals_autodiff_on_one_device_and_sharded(act):
     """`_normalise_batch`'s hand-written gradient against autodiff of the same forward pass: on one
     device, and over 8 devices with the statistics averaged across them (the sharded gradients of x
-    are each device's slice of the single-device ones; scale and bias get the global sum)."""
+    are each device's slice of the single-device ones; scale and bias get the global sum). With an
+    activation after it, whose gradient the hand-written pass takes from x recomputed."""
     x = jax.random.normal(jax.random.key(0), (16, 5, 5, 6)) * 3.0 + 1.0
     scale, bias = jax.random.normal(jax.random.key(1), (6,)), jax.random.normal(jax.random.key(2), (6,))
     w = jax.random.normal(jax.random.key(3), x.shape)
 
     def grad(f):
-        loss = lambda x, scale, bias: jnp.sum(jnp.sin(f(x, scale, bias, 1e-3, None)[0]) * w)
+        loss = lambda x, scale, bias: jnp.sum(jnp.sin(f(x, scale, bias, 1e-3, None, act)[0]) * w)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
 
     g_hand, g_auto = grad(en._normalise_batch), grad(en._normalise_batch_plain)
@@ -196,7 +198,7 @@ def test_batchnorm_backward_by_hand_equals_autodiff_on_one_device_and_sharded():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
 
     def sharded(x, scale, bias, w_dev):
-        f = lambda x, scale, bias: jnp.sum(jnp.sin(en._normalise_batch(x, scale, bias, 1e-3, "data")[0]) * w_dev)
+        f = lambda x, scale, bias: jnp.sum(jnp.sin(en._normalise_batch(x, scale, bias, 1e-3, "data", act)[0]) * w_dev)
         return jax.grad(f, argnums=(0, 1, 2))(x, scale, bias)
 
     g_x, g_scale, g_bias = jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
@@ -228,8 +230,13 @@ def test_stochastic_depth_only_in_training_and_per_sample():
 @pytest.mark.parametrize("K", [3, 5])
 @pytest.mark.parametrize("stride,pad", [(1, "SAME"), (2, "SAME"), (2, "hf"), (2, "hf-square")])
 @pytest.mark.parametrize("size", [9, 10])
-def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size):
-    """The CPU path (shifted multiply-adds) against XLA's grouped convolution, values and gradients."""
+@pytest.mark.parametrize("block_rows", [None, 1, 2])
+def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size, block_rows, monkeypatch):
+    """The CPU path (shifted multiply-adds) against XLA's grouped convolution, values and gradients.
+    The weight gradient's blocks of rows (`_tap_gradients`): by default one per sample here; one row
+    each; and about 2 rows (2 * size columns' worth), where a sample's last block overlaps the one before."""
+    if block_rows is not None:
+        monkeypatch.setattr(en, "_BLOCK_BYTES", block_rows * size * 6 * 4 if block_rows > 1 else 1)
     padding = {"SAME": "SAME", "hf": ((K // 2 - 1, K // 2),) * 2, "hf-square": ((K // 2, K // 2),) * 2}[pad]
     x = _images(7, 2, size)[..., :1] * jnp.arange(1, 7) / 3.0
     w = jax.random.normal(jax.random.key(K), (K, K, 1, 6))
@@ -239,6 +246,18 @@ def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size):
     g_shift = jax.grad(loss("shift"), argnums=(0, 1))(x, w)
     g_conv = jax.grad(loss("conv"), argnums=(0, 1))(x, w)
     assert _relative_error(g_shift, g_conv) < 1e-5
+
+
+def test_depthwise_weight_gradient_in_blocks_inside_shard_map(monkeypatch):
+    """The blocked weight gradient (`_tap_gradients`, forced by a small block) inside shard_map: each
+    device's sum over its own samples, which the parameter's psum adds up to the single-device one."""
+    monkeypatch.setattr(en, "_BLOCK_BYTES", 2 * 9 * 6 * 4)
+    x, w = _images(7, 4, 9)[..., :1] * jnp.arange(1, 7) / 3.0, jax.random.normal(jax.random.key(3), (3, 3, 1, 6))
+    loss = lambda x, w: jnp.sum(jnp.sin(en._depthwise(x, w, 1, "SAME", "shift")))
+    g_one = jax.grad(loss, argnums=1)(x, w)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    g_two = jax.jit(jax.shard_map(jax.grad(loss, argnums=1), mesh=mesh, in_specs=(P("data"), P()), out_specs=P()))(x, w)
+    assert _relative_error(g_two, g_one) < 1e-5
 
 
 def test_efficientnet_remat_and_bfloat16_agree_with_float32():
