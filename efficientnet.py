@@ -11,7 +11,8 @@ output. B7 gives 640-d features and L2 (Xie et al. 2020, Noisy Student) 1376-d.
 Parameters and BatchNorm running statistics are two separate nested dicts: `params` is what the
 optimizer updates, `state` is what BatchNorm updates. The blocks of a stage after its first one all
 have the same shapes, so their parameters are stacked on a leading axis and run with `jax.lax.scan`:
-L2's 88 blocks compile as 7 first blocks plus 7 scan bodies, and compile time does not grow with depth.
+L2's 88 blocks compile as 7 first blocks plus 7 scan bodies, and compile time does not grow with depth
+(on CPU, up to B7, the scans are unrolled, which is faster there: `Config.block_loop`).
 
 Dimension key:
     B batch   H height   W width   C channels (in)   D channels (out / features)
@@ -96,6 +97,11 @@ class Config:
     remat: bool = False          # recompute each block in the backward pass instead of storing it
     depthwise: str = "auto"      # "conv" (XLA grouped conv), "shift" (K*K shifted multiply-adds), "auto":
                                  # shift on CPU, where XLA's grouped-conv backward is 3-12x slower
+    block_loop: str = "auto"     # "scan": a stage's blocks after its first compiled as one (compile time
+                                 # flat in depth); "unroll": each block compiled on its own; "auto": unroll
+                                 # on CPU up to B7's 55 blocks, where the scans' copies of residuals cost
+                                 # B7 + BERT-Base 10-17% (compile 35-42 -> 65-93 s); L2 keeps its scans, as
+                                 # unrolled it was slower (BENCHMARKS.md)
 
     def channels(self, c):
         """Round c * width to a multiple of `divisor`, never down by more than 10% (TF `round_filters`)."""
@@ -504,6 +510,11 @@ def _mbconv(p, s, x_BHWC, b: Block, cfg: Config, train, axis_name, drop_rate, ke
     return h, new_s
 
 
+# `block_loop="auto"` unrolls on CPU up to this many blocks (B7's); L2's 88 unrolled, with BERT-Large, made
+# a step 2.5x slower at batch 1 on two cores and compiled in 143 s against 47 s (BENCHMARKS.md).
+_UNROLL_UP_TO = 55
+
+
 def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_axis_name=None):
     """Image features: the global average of the last MBConv block's output (ALIGN Sec. 4.1, 6.1).
 
@@ -521,6 +532,10 @@ def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_
     if cfg.remat:  # static arguments (Block, Config, flags) are closed over, so only arrays are saved
         block_fn = jax.checkpoint(_mbconv, static_argnums=(3, 4, 5, 6))
     keys = jax.random.split(rng, total) if (train and rng is not None) else None
+    if cfg.block_loop not in ("auto", "scan", "unroll"):
+        raise ValueError(f"efficientnet.Config.block_loop is {cfg.block_loop!r}: one of auto, scan, unroll")
+    unroll = cfg.block_loop == "unroll" or (cfg.block_loop == "auto" and jax.default_backend() == "cpu"
+                                            and total <= _UNROLL_UP_TO)
 
     x = images_BHWC.astype(dtype)
     stem_pad = "SAME" if cfg.padding == "same" else ((0, 1), (0, 1))  # HF's stem: ZeroPad2d((0, 1, 0, 1))
@@ -544,7 +559,7 @@ def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_
                 p_b, s_b, rate_b, key_b = xs
                 return block_fn(p_b, s_b, x, b, cfg, train, bn_axis_name, rate_b, key_b)
 
-            x, s_new["rest"] = jax.lax.scan(body, x, (p["rest"], s["rest"], rates, rest_keys))
+            x, s_new["rest"] = jax.lax.scan(body, x, (p["rest"], s["rest"], rates, rest_keys), unroll=unroll)
         new_state["stages"].append(s_new)
 
     features_BD = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

@@ -63,9 +63,12 @@ def memory_report(args):
     train.check_batch(args, batch, n_dev)
     # The word-embedding table is sized by the vocabulary: --vocab's, else the paper's 100k (Sec. 4.1).
     # Everything else is the program `train` would compile here (on CPU, depthwise convolutions as
-    # shifted multiply-adds: efficientnet.Config.depthwise).
+    # shifted multiply-adds: efficientnet.Config.depthwise), but with the blocks' and layers' loops as
+    # scans, as accelerators run them (CPU unrolls them for speed: efficientnet.Config.block_loop,
+    # bert.Config.layer_loop), so that L2's plan still compiles in minutes.
     vocab_size = len(wordpiece.Tokenizer(args.vocab).vocab) if args.vocab else cfg.text.vocab_size
-    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size))
+    cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, block_loop="scan"),
+                              text=dataclasses.replace(cfg.text, vocab_size=vocab_size, layer_loop="scan"))
     params, state = jax.eval_shape(lambda: align.init(jax.random.key(0), cfg))
     optimizer, _ = train.make_optimizer(recipe, params)
     opt_state = jax.eval_shape(optimizer.init, params)

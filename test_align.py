@@ -260,7 +260,7 @@ def test_depthwise_weight_gradient_in_blocks_inside_shard_map(monkeypatch):
     assert _relative_error(g_two, g_one) < 1e-5
 
 
-def test_efficientnet_remat_and_bfloat16_agree_with_float32():
+def test_efficientnet_remat_scan_unroll_and_bfloat16_agree_with_float32():
     cfg = dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0)
     params, state = en.init(jax.random.key(0), cfg)
     params, state = _randomise_bn(params, state)
@@ -280,6 +280,13 @@ def test_efficientnet_remat_and_bfloat16_agree_with_float32():
     # with conftest's level 0 (other instruction selection, other rounding): 2e-5 allows both.
     np.testing.assert_allclose(l_r, l32, rtol=1e-5)
     assert _relative_error(g_r, g32) < 2e-5
+    # The stages' loops as scans and unrolled (CPU's default): the same sums, fused apart as remat's.
+    for loop in ("scan", "unroll"):
+        l_loop, g_loop = grad(params, dataclasses.replace(cfg, block_loop=loop))
+        np.testing.assert_allclose(l_loop, l32, rtol=1e-5)
+        assert _relative_error(g_loop, g32) < 2e-5
+    with pytest.raises(ValueError, match="block_loop"):
+        en_apply(params, state, x, dataclasses.replace(cfg, block_loop="loop"))
     # bfloat16 keeps 8 bits of mantissa: features within a few percent of their spread.
     cfg16 = dataclasses.replace(cfg, dtype="bfloat16")
     f32, _ = en_apply(params, state, x, cfg)
@@ -327,7 +334,7 @@ def test_padding_cannot_change_cls():
     assert np.abs(np.asarray(g[5:45])).max() > 0.0
 
 
-def test_bert_remat_and_bfloat16_agree_with_float32():
+def test_bert_remat_scan_unroll_and_bfloat16_agree_with_float32():
     cfg, params, ids, mask = _tiny_bert()
     loss = lambda p, c: jnp.sum(jnp.sin(bert.apply(p, ids, mask, c)[:, 0].astype(jnp.float32)))
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
@@ -335,6 +342,13 @@ def test_bert_remat_and_bfloat16_agree_with_float32():
     l_r, g_r = grad(params, dataclasses.replace(cfg, remat=True))
     np.testing.assert_allclose(l_r, l32, rtol=1e-6)
     assert _relative_error(g_r, g32) < 1e-5
+    # The layers' loop as one scanned layer and unrolled (CPU's default): the same sums.
+    for loop in ("scan", "unroll"):
+        l_loop, g_loop = grad(params, dataclasses.replace(cfg, layer_loop=loop))
+        np.testing.assert_allclose(l_loop, l32, rtol=1e-6)
+        assert _relative_error(g_loop, g32) < 1e-5
+    with pytest.raises(ValueError, match="layer_loop"):
+        bert_apply(params, ids, mask, dataclasses.replace(cfg, layer_loop="loop"))
     h32 = bert_apply(params, ids, mask, cfg)
     h16 = bert_apply(params, ids, mask, dataclasses.replace(cfg, dtype="bfloat16"))
     assert h16.dtype == jnp.bfloat16
