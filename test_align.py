@@ -260,6 +260,14 @@ def test_depthwise_weight_gradient_in_blocks_inside_shard_map(monkeypatch):
     assert _relative_error(g_two, g_one) < 1e-5
 
 
+def _assert_each_loop_agrees(grad, params, cfg, field, loss_ref, grads_ref, rtol, tol):
+    """The model's loop (`field`: block_loop or layer_loop) as a scan and unrolled: the reference sums."""
+    for loop in ("scan", "unroll"):
+        loss, grads = grad(params, dataclasses.replace(cfg, **{field: loop}))
+        np.testing.assert_allclose(loss, loss_ref, rtol=rtol)
+        assert _relative_error(grads, grads_ref) < tol
+
+
 def test_efficientnet_remat_scan_unroll_and_bfloat16_agree_with_float32():
     cfg = dataclasses.replace(en.CONFIGS["tiny"], drop_connect=0.0)
     params, state = en.init(jax.random.key(0), cfg)
@@ -281,10 +289,7 @@ def test_efficientnet_remat_scan_unroll_and_bfloat16_agree_with_float32():
     np.testing.assert_allclose(l_r, l32, rtol=1e-5)
     assert _relative_error(g_r, g32) < 2e-5
     # The stages' loops as scans and unrolled (CPU's default): the same sums, fused apart as remat's.
-    for loop in ("scan", "unroll"):
-        l_loop, g_loop = grad(params, dataclasses.replace(cfg, block_loop=loop))
-        np.testing.assert_allclose(l_loop, l32, rtol=1e-5)
-        assert _relative_error(g_loop, g32) < 2e-5
+    _assert_each_loop_agrees(grad, params, cfg, "block_loop", l32, g32, rtol=1e-5, tol=2e-5)
     with pytest.raises(ValueError, match="block_loop"):
         en_apply(params, state, x, dataclasses.replace(cfg, block_loop="loop"))
     # bfloat16 keeps 8 bits of mantissa: features within a few percent of their spread.
@@ -343,10 +348,7 @@ def test_bert_remat_scan_unroll_and_bfloat16_agree_with_float32():
     np.testing.assert_allclose(l_r, l32, rtol=1e-6)
     assert _relative_error(g_r, g32) < 1e-5
     # The layers' loop as one scanned layer and unrolled (CPU's default): the same sums.
-    for loop in ("scan", "unroll"):
-        l_loop, g_loop = grad(params, dataclasses.replace(cfg, layer_loop=loop))
-        np.testing.assert_allclose(l_loop, l32, rtol=1e-6)
-        assert _relative_error(g_loop, g32) < 1e-5
+    _assert_each_loop_agrees(grad, params, cfg, "layer_loop", l32, g32, rtol=1e-6, tol=1e-5)
     with pytest.raises(ValueError, match="layer_loop"):
         bert_apply(params, ids, mask, dataclasses.replace(cfg, layer_loop="loop"))
     h32 = bert_apply(params, ids, mask, cfg)
