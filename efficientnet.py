@@ -407,8 +407,9 @@ def _shifted_sum_bwd(stride, saved, g_BHWC):
     (zeros between its rows and columns), padded by K-1, convolved with the kernel turned by 180
     degrees. Autodiff instead adds K*K padded copies of g*w, which XLA:CPU does not vectorise
     (2x73x73x144, 5x5, stride 2: 19.4 -> 2.5 ms).
-    Weight: K*K reductions of tap(i, j) * g over batch and space, one tap at a time in `lax.map`.
-    Written out, XLA:CPU materialises all K*K taps at once (2x73x73x144, 3x3: 36 -> 7 ms).
+    Weight: K*K reductions of tap(i, j) * g over batch and space, one tap at a time in `lax.map`
+    (`_tap_gradients`, in blocks of rows where the layer is large). Written out, XLA:CPU materialises
+    all K*K taps at once (2x73x73x144, 3x3: 36 -> 7 ms).
     """
     xp_BHWC, w_KKC = saved
     # g is read once per tap. Left unmaterialised, XLA fuses its producer (BatchNorm's backward pass)
@@ -438,7 +439,7 @@ def _tap_gradients(xp_BHWC, g_BHWC, K, stride):
     whole batch; but where g is over 3 blocks (`_BLOCK_BYTES`), over one block of output rows of one
     sample at a time. Tap by tap over the whole batch, xp and g are read K*K times from memory, not
     cache (B7 at 2x289: 10-25 MB a layer). A sample's last block starts early enough to fit, and the
-    rows it shares with the block before are masked out (BENCHMARKS.md, "Depthwise weight gradient in blocks").
+    rows it shares with the block before are masked out (BENCHMARKS.md, "Fewer residuals and a blocked depthwise weight gradient").
     """
     B, H_out, W_out, C = g_BHWC.shape
     taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
