@@ -174,10 +174,7 @@ def apply(params, ids_BL, mask_BL, cfg: Config):
     layer_fn = lambda x, p: (_layer(p, x, bias_BM, cfg), None)
     if cfg.remat:
         layer_fn = jax.checkpoint(layer_fn)
-    if cfg.layer_loop not in ("auto", "scan", "unroll"):
-        raise ValueError(f"bert.Config.layer_loop is {cfg.layer_loop!r}: one of auto, scan, unroll")
-    unroll = cfg.layer_loop == "unroll" or (cfg.layer_loop == "auto" and jax.default_backend() == "cpu"
-                                            and cfg.layers <= 12)
+    unroll = weights.unrolled(cfg.layer_loop, cfg.layers, 12, "bert.Config.layer_loop")  # up to BERT-Base
     x_BLD, _ = jax.lax.scan(layer_fn, x_BLD, params["layers"], unroll=unroll)
     return x_BLD
 

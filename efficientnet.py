@@ -439,14 +439,15 @@ def _tap_gradients(xp_BHWC, g_BHWC, K, stride):
     whole batch; but where g is over 3 blocks (`_BLOCK_BYTES`), over one block of output rows of one
     sample at a time. Tap by tap over the whole batch, xp and g are read K*K times from memory, not
     cache (B7 at 2x289: 10-25 MB a layer). A sample's last block starts early enough to fit, and the
-    rows it shares with the block before are masked out (BENCHMARKS.md, "Fewer residuals and a blocked depthwise weight gradient").
+    rows it shares with the block before are masked out (BENCHMARKS.md, "Fewer residuals and a blocked
+    depthwise weight gradient").
     """
     B, H_out, W_out, C = g_BHWC.shape
     taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
 
     def tap_sums(x, g, rows):
-        tap_sum = lambda ij: jnp.sum(_tap(x, ij[0], ij[1], stride, rows, W_out).astype(jnp.float32) * g, axis=(0, 1, 2))
-        return jax.lax.map(tap_sum, taps)
+        tap = lambda ij: _tap(x, ij[0], ij[1], stride, rows, W_out).astype(jnp.float32)
+        return jax.lax.map(lambda ij: jnp.sum(tap(ij) * g, axis=(0, 1, 2)), taps)
 
     if g_BHWC.size * g_BHWC.dtype.itemsize <= 3 * _BLOCK_BYTES:  # in cache already: blocks would only add steps
         return tap_sums(xp_BHWC, g_BHWC.astype(jnp.float32), H_out)
@@ -533,10 +534,7 @@ def apply(params, state, images_BHWC, cfg: Config, train=False, *, rng=None, bn_
     if cfg.remat:  # static arguments (Block, Config, flags) are closed over, so only arrays are saved
         block_fn = jax.checkpoint(_mbconv, static_argnums=(3, 4, 5, 6))
     keys = jax.random.split(rng, total) if (train and rng is not None) else None
-    if cfg.block_loop not in ("auto", "scan", "unroll"):
-        raise ValueError(f"efficientnet.Config.block_loop is {cfg.block_loop!r}: one of auto, scan, unroll")
-    unroll = cfg.block_loop == "unroll" or (cfg.block_loop == "auto" and jax.default_backend() == "cpu"
-                                            and total <= _UNROLL_UP_TO)
+    unroll = weights.unrolled(cfg.block_loop, total, _UNROLL_UP_TO, "efficientnet.Config.block_loop")
 
     x = images_BHWC.astype(dtype)
     stem_pad = "SAME" if cfg.padding == "same" else ((0, 1), (0, 1))  # HF's stem: ZeroPad2d((0, 1, 0, 1))

@@ -18,9 +18,10 @@ with MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1:
 The process then keeps its peak memory for its life, as PyTorch's and JAX's GPU allocators do with
 device memory. It must run before JAX starts its CPU client (the first array or device query): a
 thread keeps the arena it was given at its first allocation. `bench.py` calls it first thing, and
-`train.py` for every model but `tiny` (not for `--memory-report`, which never runs). It does nothing on other C libraries (macOS, musl), where JAX
-may find a GPU or TPU (their buffers are device memory, with an allocator of their own), or with
-ALIGN_KEEP_FREED_MEMORY=0 in the environment (the tests' conftest.py sets it).
+`train.py` for every model but `tiny` (not for `--memory-report`, which never runs). It does nothing
+on other C libraries (macOS, musl), where JAX may find a GPU or TPU (their buffers are device memory,
+with an allocator of their own), or with ALIGN_KEEP_FREED_MEMORY=0 in the environment (the tests'
+conftest.py sets it).
 
 Costs (BENCHMARKS.md, "Page faults"):
 - Compilation: XLA compiles on several threads, which now share one arena's lock. The tiny towers

@@ -38,6 +38,15 @@ HF_ACTIVATIONS = {
 }
 
 
+def unrolled(loop, depth, limit, field):
+    """Whether a tower's loop over its `depth` stacked layers is unrolled: `loop` is the config's `field`,
+    "scan", "unroll" or "auto" (unrolled on CPU up to `limit` layers: efficientnet.Config.block_loop,
+    bert.Config.layer_loop)."""
+    if loop not in ("auto", "scan", "unroll"):
+        raise ValueError(f"{field} is {loop!r}: one of auto, scan, unroll")
+    return loop == "unroll" or (loop == "auto" and jax.default_backend() == "cpu" and depth <= limit)
+
+
 def count_params(tree):
     """How many numbers a tree of arrays holds. Give it shapes to count without allocating, e.g.
     `count_params(jax.eval_shape(lambda: bert.init(jax.random.key(0), cfg)))`."""
