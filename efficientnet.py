@@ -407,9 +407,9 @@ def _shifted_sum_bwd(stride, saved, g_BHWC):
     (zeros between its rows and columns), padded by K-1, convolved with the kernel turned by 180
     degrees. Autodiff instead adds K*K padded copies of g*w, which XLA:CPU does not vectorise
     (2x73x73x144, 5x5, stride 2: 19.4 -> 2.5 ms).
-    Weight: K*K reductions of tap(i, j) * g over batch and space, one tap at a time in `lax.map`
-    (`_tap_gradients`, in blocks of rows where the layer is large). Written out, XLA:CPU materialises
-    all K*K taps at once (2x73x73x144, 3x3: 36 -> 7 ms).
+    Weight: K*K sums of tap(i, j) * g over batch and space (`_tap_gradients`): on maps of 16 rows or
+    more, a group of rows of one sample at a time, every tap summed over the group's rows as one
+    elementwise expression (B7's layers: 440 -> 225 ms); on smaller maps one tap at a time in `lax.map`.
     """
     xp_BHWC, w_KKC = saved
     # g is read once per tap. Left unmaterialised, XLA fuses its producer (BatchNorm's backward pass)
@@ -427,46 +427,48 @@ def _shifted_sum_bwd(stride, saved, g_BHWC):
 _shifted_sum.defvjp(_shifted_sum_fwd, _shifted_sum_bwd)
 
 
-# Bytes of one block of the weight gradient's output gradient (`_tap_gradients`): about half of a CPU
-# core's L2 cache, so that the block and the input rows under it stay in cache while K*K taps read them.
-_BLOCK_BYTES = 512 * 1024
+# Output rows per group of the weight gradient (`_tap_gradients`), and the fewest for which groups are
+# used. At least 16 because every tap's sum reads each of the group's rows once, and XLA:CPU fuses a
+# producer into a reader that reads it at most 15 times: at 16 or more the group is copied out of g and
+# x once, not re-sliced inside each tap's loop (5x slower at 8 rows; BENCHMARKS.md).
+_GROUP_ROWS, _MIN_GROUP_ROWS = 24, 16
 
 
 def _tap_gradients(xp_BHWC, g_BHWC, K, stride):
     """[K*K, C]: for each tap (i, j), the sum over batch and space of tap(i, j) * g, in float32.
 
-    The taps one by one (`lax.map`; written out, XLA:CPU materialises all K*K at once), each over the
-    whole batch; but where g is over 3 blocks (`_BLOCK_BYTES`), over one block of output rows of one
-    sample at a time. Tap by tap over the whole batch, xp and g are read K*K times from memory, not
-    cache (B7 at 2x289: 10-25 MB a layer). A sample's last block starts early enough to fit, and the
-    rows it shares with the block before are masked out (BENCHMARKS.md, "Fewer residuals and a blocked
-    depthwise weight gradient").
+    Maps of 16 rows or more: one group of output rows of one sample at a time (`fori_loop`), so that
+    the group's g and x stay in cache while all K*K taps read them. Within a group each tap's sum over
+    the rows is one elementwise expression (an XLA loop fusion, as the forward pass) that keeps the
+    columns; the [K*K, W, C] total is summed over columns at the end. A sample's last group starts
+    early enough to fit, and the rows it shares with the group before are masked out.
+    Smaller maps: the taps one by one over the whole batch (`lax.map`: written out, XLA:CPU
+    materialises all K*K taps at once), each a product reduced over batch and space.
     """
     B, H_out, W_out, C = g_BHWC.shape
-    taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
-
-    def tap_sums(x, g, rows):
-        tap = lambda ij: _tap(x, ij[0], ij[1], stride, rows, W_out).astype(jnp.float32)
-        return jax.lax.map(lambda ij: jnp.sum(tap(ij) * g, axis=(0, 1, 2)), taps)
-
-    if g_BHWC.size * g_BHWC.dtype.itemsize <= 3 * _BLOCK_BYTES:  # in cache already: blocks would only add steps
-        return tap_sums(xp_BHWC, g_BHWC.astype(jnp.float32), H_out)
-    rows = max(1, min(H_out, _BLOCK_BYTES // (W_out * C * g_BHWC.dtype.itemsize)))
+    if H_out < _MIN_GROUP_ROWS:
+        taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
+        tap = lambda ij: _tap(xp_BHWC, ij[0], ij[1], stride, H_out, W_out).astype(jnp.float32)
+        return jax.lax.map(lambda ij: jnp.sum(tap(ij) * g_BHWC.astype(jnp.float32), axis=(0, 1, 2)), taps)
+    rows = min(H_out, _GROUP_ROWS)
     per_sample, rows_in = -(-H_out // rows), stride * (rows - 1) + K
 
-    def block(n, dw_TC):
+    def group(n, total_TWC):
         b, r = n // per_sample, n % per_sample
         start = jnp.minimum(r * rows, H_out - rows)
         new_rows = (start + jnp.arange(rows) >= r * rows)[:, None, None]
-        g = jax.lax.dynamic_slice(g_BHWC, (b, start, 0, 0), (1, rows, W_out, C)).astype(jnp.float32) * new_rows
-        x = jax.lax.dynamic_slice(xp_BHWC, (b, start * stride, 0, 0), (1, rows_in, xp_BHWC.shape[2], C))
-        return dw_TC + tap_sums(x, g, rows)
+        g_HWC = jax.lax.dynamic_slice(g_BHWC, (b, start, 0, 0), (1, rows, W_out, C))[0]
+        g_HWC = g_HWC.astype(jnp.float32) * new_rows
+        x_HWC = jax.lax.dynamic_slice(xp_BHWC, (b, start * stride, 0, 0), (1, rows_in, xp_BHWC.shape[2], C))[0]
+        tap_row = lambda i, j, r: x_HWC[stride * r + i, j:j + stride * (W_out - 1) + 1:stride].astype(jnp.float32)
+        return total_TWC + jnp.stack([sum(tap_row(i, j, r) * g_HWC[r] for r in range(rows))
+                                      for i in range(K) for j in range(K)])
 
-    zeros = jnp.zeros((K * K, C), jnp.float32)
+    zeros = jnp.zeros((K * K, W_out, C), jnp.float32)
     varying = tuple(sorted(_varying_axes(g_BHWC)))  # inside shard_map the sums differ from device to device
     if varying:
         zeros = jax.lax.pcast(zeros, varying, to="varying")
-    return jax.lax.fori_loop(0, B * per_sample, block, zeros)
+    return jax.lax.fori_loop(0, B * per_sample, group, zeros).sum(axis=1)
 
 
 def _padding(kernel, stride, cfg: Config, square=False):

@@ -230,13 +230,14 @@ def test_stochastic_depth_only_in_training_and_per_sample():
 @pytest.mark.parametrize("K", [3, 5])
 @pytest.mark.parametrize("stride,pad", [(1, "SAME"), (2, "SAME"), (2, "hf"), (2, "hf-square")])
 @pytest.mark.parametrize("size", [9, 10])
-@pytest.mark.parametrize("block_rows", [None, 1, 2])
-def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size, block_rows, monkeypatch):
+@pytest.mark.parametrize("group_rows", [None, 1, 4])
+def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size, group_rows, monkeypatch):
     """The CPU path (shifted multiply-adds) against XLA's grouped convolution, values and gradients.
-    The weight gradient's blocks of rows (`_tap_gradients`): by default one per sample here; one row
-    each; and about 2 rows (2 * size columns' worth), where a sample's last block overlaps the one before."""
-    if block_rows is not None:
-        monkeypatch.setattr(en, "_BLOCK_BYTES", block_rows * size * 6 * 4 if block_rows > 1 else 1)
+    The weight gradient (`_tap_gradients`): at these sizes by default one tap at a time over the batch;
+    in groups of 1 row; and of 4 rows, where a sample's last group overlaps the one before."""
+    if group_rows is not None:
+        monkeypatch.setattr(en, "_GROUP_ROWS", group_rows)
+        monkeypatch.setattr(en, "_MIN_GROUP_ROWS", 1)
     padding = {"SAME": "SAME", "hf": ((K // 2 - 1, K // 2),) * 2, "hf-square": ((K // 2, K // 2),) * 2}[pad]
     x = _images(7, 2, size)[..., :1] * jnp.arange(1, 7) / 3.0
     w = jax.random.normal(jax.random.key(K), (K, K, 1, 6))
@@ -248,10 +249,24 @@ def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size, block_rows, m
     assert _relative_error(g_shift, g_conv) < 1e-5
 
 
-def test_depthwise_weight_gradient_in_blocks_inside_shard_map(monkeypatch):
-    """The blocked weight gradient (`_tap_gradients`, forced by a small block) inside shard_map: each
-    device's sum over its own samples, which the parameter's psum adds up to the single-device one."""
-    monkeypatch.setattr(en, "_BLOCK_BYTES", 2 * 9 * 6 * 4)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_weight_gradient_in_groups_of_rows(stride):
+    """The weight gradient's row groups at their real sizes: 40 rows (stride 1) are groups of 24 rows
+    starting at 0 and 16 (overlapping), 20 rows (stride 2) one group; against XLA's grouped conv."""
+    x = _images(8, 2, 40)[..., :1] * jnp.arange(1, 5) / 3.0
+    w = jax.random.normal(jax.random.key(stride), (3, 3, 1, 4))
+    loss = lambda impl: lambda w: jnp.sum(jnp.sin(en._depthwise(x, w, stride, "SAME", impl)))
+    H_out = 40 // stride
+    assert en._MIN_GROUP_ROWS <= H_out  # the groups' path, not lax.map's
+    assert stride == 2 or en._GROUP_ROWS < H_out < 2 * en._GROUP_ROWS  # two groups, overlapping
+    assert _relative_error(jax.grad(loss("shift"))(w), jax.grad(loss("conv"))(w)) < 1e-5
+
+
+def test_depthwise_weight_gradient_in_groups_inside_shard_map(monkeypatch):
+    """The weight gradient in groups of rows (`_tap_gradients`, forced by small groups) inside shard_map:
+    each device's sum over its own samples, which the parameter's psum adds up to the single-device one."""
+    monkeypatch.setattr(en, "_GROUP_ROWS", 4)
+    monkeypatch.setattr(en, "_MIN_GROUP_ROWS", 1)
     x, w = _images(7, 4, 9)[..., :1] * jnp.arange(1, 7) / 3.0, jax.random.normal(jax.random.key(3), (3, 3, 1, 6))
     loss = lambda x, w: jnp.sum(jnp.sin(en._depthwise(x, w, 1, "SAME", "shift")))
     g_one = jax.grad(loss, argnums=1)(x, w)
