@@ -448,8 +448,9 @@ def _tap_gradients(xp_BHWC, g_BHWC, K, stride):
     B, H_out, W_out, C = g_BHWC.shape
     if H_out < _MIN_GROUP_ROWS:
         taps = jnp.array([(i, j) for i in range(K) for j in range(K)], jnp.int32)
+        g32_BHWC = g_BHWC.astype(jnp.float32)  # once, not in every tap's step of the map
         tap = lambda ij: _tap(xp_BHWC, ij[0], ij[1], stride, H_out, W_out).astype(jnp.float32)
-        return jax.lax.map(lambda ij: jnp.sum(tap(ij) * g_BHWC.astype(jnp.float32), axis=(0, 1, 2)), taps)
+        return jax.lax.map(lambda ij: jnp.sum(tap(ij) * g32_BHWC, axis=(0, 1, 2)), taps)
     rows = min(H_out, _GROUP_ROWS)
     per_sample, rows_in = -(-H_out // rows), stride * (rows - 1) + K
 
