@@ -65,6 +65,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import align
+import backprop
 import bench
 import efficientnet as en
 import memory
@@ -419,10 +420,10 @@ def _same_pads(n, kernel, stride):
 
 
 def _shift_autodiff(x_BHWC, w_KK1C, stride):
-    """The shifted multiply-adds (efficientnet._taps_sum) with autodiff's backward instead of the hand-written one."""
+    """The shifted multiply-adds (backprop.taps_sum) with autodiff's backward instead of the hand-written one."""
     K, (_, H, W, _) = w_KK1C.shape[0], x_BHWC.shape
     pads = [(0, 0, 0), (*_same_pads(H, K, stride), 0), (*_same_pads(W, K, stride), 0), (0, 0, 0)]
-    return en._taps_sum(jax.lax.pad(x_BHWC, jnp.zeros((), x_BHWC.dtype), pads), w_KK1C[:, :, 0, :].astype(x_BHWC.dtype), stride)
+    return backprop.taps_sum(jax.lax.pad(x_BHWC, jnp.zeros((), x_BHWC.dtype), pads), w_KK1C[:, :, 0, :].astype(x_BHWC.dtype), stride)
 
 
 def _conv_nchw(x_BHWC, w_KK1C, stride):

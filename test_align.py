@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import backprop
 import bert
 import efficientnet as en
 import weights
@@ -180,7 +181,7 @@ def test_batchnorm_per_device_statistics_equal_each_shard_alone():
 
 @pytest.mark.parametrize("act", [None, jax.nn.silu, weights.HF_ACTIVATIONS["gelu"]])
 def test_batchnorm_backward_by_hand_equals_autodiff_on_one_device_and_sharded(act):
-    """`_normalise_batch`'s hand-written gradient against autodiff of the same forward pass: on one
+    """`backprop.normalise_batch`'s hand-written gradient against autodiff of the same forward pass: on one
     device, and over 8 devices with the statistics averaged across them (the sharded gradients of x
     are each device's slice of the single-device ones; scale and bias get the global sum). With an
     activation after it, whose gradient the hand-written pass takes from x recomputed."""
@@ -192,13 +193,13 @@ def test_batchnorm_backward_by_hand_equals_autodiff_on_one_device_and_sharded(ac
         loss = lambda x, scale, bias: jnp.sum(jnp.sin(f(x, scale, bias, 1e-3, None, act)[0]) * w)
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
 
-    g_hand, g_auto = grad(en._normalise_batch), grad(en._normalise_batch_plain)
+    g_hand, g_auto = grad(backprop.normalise_batch), grad(backprop.normalise_batch_plain)
     assert _relative_error(g_hand, g_auto) < 1e-5
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
 
     def sharded(x, scale, bias, w_dev):
-        f = lambda x, scale, bias: jnp.sum(jnp.sin(en._normalise_batch(x, scale, bias, 1e-3, "data", act)[0]) * w_dev)
+        f = lambda x, scale, bias: jnp.sum(jnp.sin(backprop.normalise_batch(x, scale, bias, 1e-3, "data", act)[0]) * w_dev)
         return jax.grad(f, argnums=(0, 1, 2))(x, scale, bias)
 
     g_x, g_scale, g_bias = jax.jit(jax.shard_map(sharded, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
@@ -233,11 +234,11 @@ def test_stochastic_depth_only_in_training_and_per_sample():
 @pytest.mark.parametrize("group_rows", [None, 1, 4])
 def test_depthwise_shift_equals_grouped_conv(K, stride, pad, size, group_rows, monkeypatch):
     """The CPU path (shifted multiply-adds) against XLA's grouped convolution, values and gradients.
-    The weight gradient (`_tap_gradients`): at these sizes by default one tap at a time over the batch;
+    The weight gradient (`backprop.tap_gradients`): at these sizes by default one tap at a time over the batch;
     in groups of 1 row; and of 4 rows, where a sample's last group overlaps the one before."""
     if group_rows is not None:
-        monkeypatch.setattr(en, "_GROUP_ROWS", group_rows)
-        monkeypatch.setattr(en, "_MIN_GROUP_ROWS", 1)
+        monkeypatch.setattr(backprop, "GROUP_ROWS", group_rows)
+        monkeypatch.setattr(backprop, "MIN_GROUP_ROWS", 1)
     padding = {"SAME": "SAME", "hf": ((K // 2 - 1, K // 2),) * 2, "hf-square": ((K // 2, K // 2),) * 2}[pad]
     x = _images(7, 2, size)[..., :1] * jnp.arange(1, 7) / 3.0
     w = jax.random.normal(jax.random.key(K), (K, K, 1, 6))
@@ -257,16 +258,16 @@ def test_depthwise_weight_gradient_in_groups_of_rows(stride):
     w = jax.random.normal(jax.random.key(stride), (3, 3, 1, 4))
     loss = lambda impl: lambda w: jnp.sum(jnp.sin(en._depthwise(x, w, stride, "SAME", impl)))
     H_out = 40 // stride
-    assert en._MIN_GROUP_ROWS <= H_out  # the groups' path, not lax.map's
-    assert stride == 2 or en._GROUP_ROWS < H_out < 2 * en._GROUP_ROWS  # two groups, overlapping
+    assert backprop.MIN_GROUP_ROWS <= H_out  # the groups' path, not lax.map's
+    assert stride == 2 or backprop.GROUP_ROWS < H_out < 2 * backprop.GROUP_ROWS  # two groups, overlapping
     assert _relative_error(jax.grad(loss("shift"))(w), jax.grad(loss("conv"))(w)) < 1e-5
 
 
 def test_depthwise_weight_gradient_in_groups_inside_shard_map(monkeypatch):
-    """The weight gradient in groups of rows (`_tap_gradients`, forced by small groups) inside shard_map:
+    """The weight gradient in groups of rows (`backprop.tap_gradients`, forced by small groups) inside shard_map:
     each device's sum over its own samples, which the parameter's psum adds up to the single-device one."""
-    monkeypatch.setattr(en, "_GROUP_ROWS", 4)
-    monkeypatch.setattr(en, "_MIN_GROUP_ROWS", 1)
+    monkeypatch.setattr(backprop, "GROUP_ROWS", 4)
+    monkeypatch.setattr(backprop, "MIN_GROUP_ROWS", 1)
     x, w = _images(7, 4, 9)[..., :1] * jnp.arange(1, 7) / 3.0, jax.random.normal(jax.random.key(3), (3, 3, 1, 6))
     loss = lambda x, w: jnp.sum(jnp.sin(en._depthwise(x, w, 1, "SAME", "shift")))
     g_one = jax.grad(loss, argnums=1)(x, w)
