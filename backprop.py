@@ -23,6 +23,31 @@ import jax
 import jax.numpy as jnp
 
 
+# Inside shard_map, what both backward passes need: which values differ from device to device.
+
+
+def _varying_axes(x):
+    """The mesh axes along which x differs from device to device, inside shard_map (else none).
+
+    JAX has no public accessor for this part of a value's type (jax.typeof(x)): JAX >= 0.9 keeps it in
+    `manual_axis_type.varying`, older versions in `vma`. Where neither exists (check_vma=False, or outside
+    shard_map) nothing varies, and `_summed_over_copies` sums nothing, which is what that mode needs.
+    """
+    t = jax.typeof(x)
+    mat = getattr(t, "manual_axis_type", None)
+    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
+
+
+def _summed_over_copies(ct, primal):
+    """A parameter's cotangent summed over the mesh axes where the parameter is one replicated copy.
+
+    Inside shard_map a replicated parameter meeting per-device data is implicitly broadcast, and
+    autodiff transposes that broadcast to a psum; a custom backward pass must do the same.
+    """
+    axes = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    return jax.lax.psum(ct, axes) if axes else ct
+
+
 def normalise_batch_plain(x_BHWC, scale_C, bias_C, eps, axis_name, act):
     """act((x - batch mean) / batch std * scale + bias), and the batch's (mean, biased variance)."""
     mean_C = jnp.mean(x_BHWC, axis=(0, 1, 2))
@@ -70,28 +95,6 @@ def _normalise_batch_bwd(eps, axis_name, act, saved, cotangents):
     return dx, _summed_over_copies(dscale_C, scale_C), _summed_over_copies(dbias_C, bias_C)
 
 
-def _varying_axes(x):
-    """The mesh axes along which x differs from device to device, inside shard_map (else none).
-
-    JAX has no public accessor for this part of a value's type (jax.typeof(x)): JAX >= 0.9 keeps it in
-    `manual_axis_type.varying`, older versions in `vma`. Where neither exists (check_vma=False, or outside
-    shard_map) nothing varies, and `_summed_over_copies` sums nothing, which is what that mode needs.
-    """
-    t = jax.typeof(x)
-    mat = getattr(t, "manual_axis_type", None)
-    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
-
-
-def _summed_over_copies(ct, primal):
-    """A parameter's cotangent summed over the mesh axes where the parameter is one replicated copy.
-
-    Inside shard_map a replicated parameter meeting per-device data is implicitly broadcast, and
-    autodiff transposes that broadcast to a psum; a custom backward pass must do the same.
-    """
-    axes = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
-    return jax.lax.psum(ct, axes) if axes else ct
-
-
 normalise_batch.defvjp(_normalise_batch_fwd, _normalise_batch_bwd)
 
 
@@ -113,7 +116,7 @@ shifted_sum = jax.custom_vjp(taps_sum, nondiff_argnums=(2,))
 
 
 def _shifted_sum_fwd(xp_BHWC, w_KKC, stride):
-    return shifted_sum(xp_BHWC, w_KKC, stride), (xp_BHWC, w_KKC)
+    return taps_sum(xp_BHWC, w_KKC, stride), (xp_BHWC, w_KKC)
 
 
 def _shifted_sum_bwd(stride, saved, g_BHWC):
@@ -177,8 +180,8 @@ def tap_gradients(xp_BHWC, g_BHWC, K, stride):
         g_HWC = jax.lax.dynamic_slice(g_BHWC, (b, start, 0, 0), (1, rows, W_out, C))[0]
         g_HWC = g_HWC.astype(jnp.float32) * new_rows
         x_HWC = jax.lax.dynamic_slice(xp_BHWC, (b, start * stride, 0, 0), (1, rows_in, xp_BHWC.shape[2], C))[0]
-        tap_row = lambda i, j, r: x_HWC[stride * r + i, j:j + stride * (W_out - 1) + 1:stride].astype(jnp.float32)
-        return total_TWC + jnp.stack([sum(tap_row(i, j, r) * g_HWC[r] for r in range(rows))
+        tap_row = lambda i, j, t: x_HWC[stride * t + i, j:j + stride * (W_out - 1) + 1:stride].astype(jnp.float32)
+        return total_TWC + jnp.stack([sum(tap_row(i, j, t) * g_HWC[t] for t in range(rows))
                                       for i in range(K) for j in range(K)])
 
     zeros = jnp.zeros((K * K, W_out, C), jnp.float32)
